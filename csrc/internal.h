@@ -1,0 +1,129 @@
+/*
+ * layerfs C core: declarations shared between the C files (never seen by cffi).
+ *
+ *   common.c   error records, sha256 (OpenSSL), small helpers
+ *   stream.c   lfs_src (read fd -> detect/decompress -> hash both sides) and
+ *              lfs_sink (tar bytes -> hash -> compress -> hash -> write fd)
+ *   tar_read.c lfs_tar: a pull parser for ustar/v7/GNU/PAX over an lfs_src
+ *   extract.c  lfs_apply: entries from lfs_tar written beneath a root
+ *   fsutil.c   in-root path resolution, tree removal
+ *   tar_write.c lfs_create: tar writer over an lfs_sink
+ *   copy.c     lfs_copy_file / lfs_copy_tree
+ */
+#ifndef LAYERFS_INTERNAL_H
+#define LAYERFS_INTERNAL_H
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include "layerfs.h"
+
+#define LFS_BLOCK 512
+
+/* ---- errors (common.c) ---- */
+/* Fill *err (if not NULL) and return -code.  offset -1 when unknown; path/entry may be NULL. */
+int lfs_fail(lfs_error *err, int code, int64_t offset, const char *path,
+             const char *entry, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+/* Set only err->entry / err->offset when the error came from a lower layer that
+ * did not know them (keeps what is already there). */
+void lfs_err_context(lfs_error *err, const char *entry, int64_t offset);
+
+/* ---- sha256 (common.c; OpenSSL, SHA-NI when the CPU has it) ---- */
+typedef struct lfs_sha256 { void *ctx; } lfs_sha256;
+int lfs_sha256_init(lfs_sha256 *h);
+void lfs_sha256_update(lfs_sha256 *h, const void *p, size_t n);
+void lfs_sha256_final(lfs_sha256 *h, unsigned char out[32]);
+void lfs_sha256_free(lfs_sha256 *h);
+
+/* ---- reading side (stream.c) ---- */
+typedef struct lfs_src lfs_src;
+/* compression: LFS_COMP_AUTO detects gzip/zstd/plain by magic.
+ * threads >= 2 (or 0 = auto): a second thread reads, hashes and decompresses ahead. */
+int lfs_src_open(lfs_src **out, int fd, int compression, int threads, lfs_error *err);
+/* Zero-copy read of the decompressed stream: *p points at up to max bytes valid
+ * until the next call on s.  Returns bytes (>0), 0 at end of stream, <0 error. */
+ssize_t lfs_src_chunk(lfs_src *s, const unsigned char **p, size_t max, lfs_error *err);
+/* Copying read: fills buf with exactly n bytes unless the stream ends first.
+ * Returns bytes read (short only at end of stream), <0 error. */
+ssize_t lfs_src_read(lfs_src *s, void *buf, size_t n, lfs_error *err);
+/* Bytes of the decompressed stream consumed so far. */
+uint64_t lfs_src_offset(const lfs_src *s);
+/* Read to the end (trailing padding counts toward the DiffID), finish both hashes. */
+int lfs_src_finish(lfs_src *s, lfs_digests *out, lfs_error *err);
+void lfs_src_free(lfs_src *s);
+
+/* ---- writing side (stream.c) ---- */
+typedef struct lfs_sink lfs_sink;
+int lfs_sink_open(lfs_sink **out, int fd, int compression, int level, int threads, lfs_error *err);
+int lfs_sink_write(lfs_sink *s, const void *p, size_t n, lfs_error *err);
+int lfs_sink_finish(lfs_sink *s, lfs_digests *out, lfs_error *err);
+void lfs_sink_free(lfs_sink *s);
+
+/* ---- tar parsing (tar_read.c) ---- */
+typedef struct lfs_xattr {
+    char *name;                   /* e.g. "security.capability" (from SCHILY.xattr. / LIBARCHIVE.xattr.) */
+    unsigned char *value;
+    size_t len;
+} lfs_xattr;
+
+typedef struct lfs_sparse {
+    int64_t offset;               /* where the data segment goes in the file */
+    int64_t length;
+} lfs_sparse;
+
+#define LFS_T_REG '0'
+#define LFS_T_LINK '1'
+#define LFS_T_SYMLINK '2'
+#define LFS_T_CHR '3'
+#define LFS_T_BLK '4'
+#define LFS_T_DIR '5'
+#define LFS_T_FIFO '6'
+
+typedef struct lfs_entry {
+    char *path;                   /* name after PAX/GNU overrides, as in the archive (not normalised) */
+    char *linkpath;               /* hardlink/symlink target, "" otherwise */
+    char type;                    /* LFS_T_*: '7', '\0' and old-GNU 'S' become '0' */
+    uint32_t mode;                /* 07777 bits */
+    uint32_t uid, gid;            /* validated: < 2^32 */
+    int64_t size;                 /* data bytes that lfs_tar_read will return (sparse: stored segments only) */
+    int64_t realsize;             /* size of the file on disk (== size unless sparse) */
+    int64_t mtime_sec;
+    int32_t mtime_nsec;
+    int has_atime;
+    int64_t atime_sec;
+    int32_t atime_nsec;
+    uint32_t devmajor, devminor;
+    lfs_xattr *xattrs;
+    size_t nxattrs;
+    lfs_sparse *sparse;           /* NULL unless sparse; segments sorted, non-overlapping, within realsize */
+    size_t nsparse;
+    int64_t header_offset;        /* offset of the entry's first header (incl. PAX/GNU long headers) */
+} lfs_entry;
+
+typedef struct lfs_tar_limits {
+    uint64_t max_entries;         /* 0: default */
+    uint64_t max_pax_size;        /* 0: default 1 MiB */
+    uint64_t max_xattrs_size;     /* 0: default 1 MiB */
+} lfs_tar_limits;
+
+typedef struct lfs_tar lfs_tar;
+int lfs_tar_open(lfs_tar **out, lfs_src *src, const lfs_tar_limits *limits, lfs_error *err);
+/* Next entry: 1 with *e set (valid until the next call), 0 at end of archive, <0 error.
+ * Unread data of the previous entry is skipped. */
+int lfs_tar_next(lfs_tar *t, const lfs_entry **e, lfs_error *err);
+/* Zero-copy read of the current entry's data (sparse: stored segments back to back,
+ * in map order).  Returns bytes (>0), 0 at end of the entry's data, <0 error. */
+ssize_t lfs_tar_data(lfs_tar *t, const unsigned char **p, size_t max, lfs_error *err);
+void lfs_tar_free(lfs_tar *t);
+
+/* ---- filesystem helpers (fsutil.c) ---- */
+/* Open the directory `path` beneath root_fd, resolving as if root_fd were "/"
+ * (openat2 RESOLVE_IN_ROOT; a fallback walks component by component with
+ * O_NOFOLLOW and resolves symlinks itself inside the root).  With create != 0,
+ * missing directories are made (mode 0755). */
+int lfs_open_dir_in_root(int root_fd, const char *path, int create, lfs_error *err);
+/* rm -rf of dirfd/name, never following symlinks. */
+int lfs_remove_at(int dirfd, const char *name, lfs_error *err);
+
+#endif

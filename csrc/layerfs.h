@@ -1,0 +1,157 @@
+/*
+ * layerfs C core: the public interface.
+ *
+ * This header is also the cffi cdef (layerfs/_build.py strips the preprocessor
+ * lines), so it holds only plain declarations: no includes, no inline code.
+ *
+ * Conventions
+ *   - Every entry point returns 0 on success or a negative errno value, and on
+ *     failure fills the caller's lfs_error (errno, path, entry, byte offset,
+ *     reason).  Nothing here touches Python objects, so cffi releases the GIL
+ *     for the whole call: one call processes a whole archive or a whole tree.
+ *   - Paths inside a root are resolved as if the root were "/" (openat2 with
+ *     RESOLVE_IN_ROOT); the final component is never followed.
+ */
+#ifndef LAYERFS_H
+#define LAYERFS_H
+#include <stdint.h>
+#include <stddef.h>
+
+#define LFS_COMP_AUTO -1
+#define LFS_COMP_NONE 0
+#define LFS_COMP_GZIP 1
+#define LFS_COMP_ZSTD 2
+
+#define LFS_WH_APPLY 0      /* delete what a whiteout hides; opaque dirs emptied of lower entries */
+#define LFS_WH_OVERLAY 1    /* char 0:0 whiteouts, overlay.opaque=y xattr on opaque dirs */
+#define LFS_WH_KEEP 2       /* store .wh. files as they are (AUFS layer directory) */
+
+#define LFS_OWNER_KEEP 0    /* chown to the archive's numeric ids; failure is an error */
+#define LFS_OWNER_SKIP 1    /* never chown; counted as a warning when ids differ from ours */
+#define LFS_OWNER_MAP 2     /* map ids through uid_map/gid_map; unmapped ids are an error */
+
+#define LFS_ERR_MSG 512
+#define LFS_PATH_MAX 4096
+
+typedef struct lfs_error {
+    int code;                     /* positive errno */
+    int64_t offset;               /* byte offset in the (uncompressed) tar stream, or -1 */
+    char path[4096];              /* file concerned: filesystem path or archive name */
+    char entry[4096];             /* archive entry name, or "" */
+    char message[512];            /* the reason, in words */
+} lfs_error;
+
+typedef struct lfs_digests {
+    unsigned char digest[32];     /* sha256 of the bytes as read/written (compressed blob) */
+    unsigned char diff_id[32];    /* sha256 of the uncompressed tar stream */
+    uint64_t compressed_size;     /* bytes of the blob */
+    uint64_t tar_size;            /* bytes of the uncompressed tar stream */
+    int compression;              /* LFS_COMP_* actually used/detected */
+} lfs_digests;
+
+typedef struct lfs_idmap {
+    uint32_t inner;               /* first id inside the layer */
+    uint32_t outer;               /* first id on the host */
+    uint32_t count;
+} lfs_idmap;
+
+typedef struct lfs_apply_opts {
+    int compression;              /* LFS_COMP_AUTO detects by magic */
+    int whiteouts;                /* LFS_WH_* */
+    int overlay_user_xattr;       /* overlay mode: user.overlay.opaque instead of trusted. */
+    int owners;                   /* LFS_OWNER_* */
+    const lfs_idmap *uid_map;
+    size_t uid_map_len;
+    const lfs_idmap *gid_map;
+    size_t gid_map_len;
+    int skip_devices;             /* do not mknod char/block devices; warn instead */
+    int no_xattrs;                /* do not set any xattr; warn when one is dropped */
+    int threads;                  /* 0 auto, 1 single thread, 2 decompress+hash in a second thread */
+    uint64_t max_entries;         /* 0: default 10,000,000 */
+    uint64_t max_pax_size;        /* 0: default 1 MiB per PAX/GNU long header */
+    uint64_t max_xattrs_size;     /* 0: default 1 MiB per entry */
+} lfs_apply_opts;
+
+typedef struct lfs_apply_result {
+    lfs_digests digests;
+    uint64_t entries;             /* tar entries processed */
+    uint64_t whiteouts;           /* whiteouts and opaque markers processed */
+    uint64_t warnings;            /* owners/devices/xattrs skipped under the unprivileged options */
+    char first_warning[512];
+} lfs_apply_result;
+
+/* Apply the layer read from in_fd onto the directory root_fd. */
+int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *opts,
+              lfs_apply_result *res, lfs_error *err);
+
+/* Hash a layer stream: digest of the bytes, DiffID of the decompressed tar. */
+int lfs_digest_stream(int in_fd, int compression, lfs_digests *out, lfs_error *err);
+
+/* sha256 of everything readable from fd. */
+int lfs_sha256_fd(int fd, unsigned char *out32, uint64_t *size, lfs_error *err);
+
+/* ---- writing layers ---- */
+
+#define LFS_SRC_PLAIN 0             /* source tree has no whiteouts of its own (or AUFS .wh. files, copied as they are) */
+#define LFS_SRC_OVERLAY 1           /* source is an overlay upper dir: char 0:0 -> .wh.NAME, opaque xattr -> .wh..wh..opq */
+
+#define LFS_CHANGE_PATH 0           /* write the filesystem entry at path (not recursive) */
+#define LFS_CHANGE_DELETE 1         /* write a whiteout .wh.NAME for path */
+#define LFS_CHANGE_OPAQUE 2         /* write path/.wh..wh..opq */
+
+typedef struct lfs_change {
+    const char *path;             /* relative to root, no leading "/" or "./" */
+    int kind;                     /* LFS_CHANGE_* */
+} lfs_change;
+
+typedef struct lfs_create_opts {
+    int compression;              /* LFS_COMP_NONE/GZIP/ZSTD */
+    int level;                    /* 0: library default */
+    int threads;                  /* compression workers; 0 auto */
+    int source;                   /* LFS_SRC_* */
+    int overlay_user_xattr;       /* LFS_SRC_OVERLAY reads user.overlay.opaque */
+    int sparse;                   /* detect holes and write PAX GNU.sparse 1.0 entries */
+    int clamp_mtime;              /* clamp mtimes to source_date_epoch */
+    int64_t source_date_epoch;
+    int no_xattrs;
+} lfs_create_opts;
+
+typedef struct lfs_create_result {
+    lfs_digests digests;
+    uint64_t entries;
+} lfs_create_result;
+
+/* Write a layer tar of the tree under root_fd (changes == NULL: the whole tree,
+ * sorted) or of exactly the listed changes (sorted into tar order here), to out_fd. */
+int lfs_create(int root_fd, const lfs_change *changes, size_t nchanges, int out_fd,
+               const lfs_create_opts *opts, lfs_create_result *res, lfs_error *err);
+
+/* ---- copying ---- */
+
+#define LFS_COPY_NO_OWNER 1         /* do not chown */
+#define LFS_COPY_NO_XATTRS 2        /* do not copy xattrs */
+#define LFS_COPY_NO_REFLINK 4       /* never FICLONE */
+
+typedef struct lfs_copy_stats {
+    uint64_t files;
+    uint64_t dirs;
+    uint64_t bytes;
+    uint64_t reflinked;
+    uint64_t hardlinks;
+} lfs_copy_stats;
+
+/* Copy one non-directory entry (regular file with holes, symlink, device, fifo)
+ * keeping mode, owner, xattrs and times.  dst must not exist. */
+int lfs_copy_file(int src_dirfd, const char *src, int dst_dirfd, const char *dst,
+                  int flags, lfs_copy_stats *stats, lfs_error *err);
+
+/* Copy the tree src_dirfd/src to dst_dirfd/dst (dst must not exist), keeping
+ * hardlinks, metadata and holes; directory times are set after their children. */
+int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst,
+                  int flags, lfs_copy_stats *stats, lfs_error *err);
+
+/* Remove the tree dirfd/path without following symlinks (rm -rf). */
+int lfs_remove_tree(int dirfd, const char *path, lfs_error *err);
+
+int lfs_has_openat2(void);
+#endif
