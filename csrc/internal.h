@@ -9,6 +9,7 @@
  *   fsutil.c   in-root path resolution, tree removal
  *   tar_write.c lfs_create: tar writer over an lfs_sink
  *   copy.c     lfs_copy_file / lfs_copy_tree
+ *   scan.c     lfs_scan: entry records of a layer without extracting
  */
 #ifndef LAYERFS_INTERNAL_H
 #define LAYERFS_INTERNAL_H

@@ -153,5 +153,30 @@ int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst
 /* Remove the tree dirfd/path without following symlinks (rm -rf). */
 int lfs_remove_tree(int dirfd, const char *path, lfs_error *err);
 
+/* ---- listing a layer without extracting ---- */
+
+#define LFS_SCAN_HASH 1             /* compute sha256 of each regular file's content */
+
+/* Parse the layer on in_fd and write one binary record per entry to out_fd
+ * (normally a pipe read by Python).  Record layout, little-endian, packed:
+ *   uint32 reclen                  bytes that follow in this record
+ *   uint8  type                    '0' '1' '2' '3' '4' '5' '6' (as lfs_entry.type)
+ *   uint8  has_digest
+ *   uint16 reserved (0)
+ *   uint32 mode, uid, gid
+ *   int64  size                    file size (realsize for sparse files)
+ *   int64  mtime_sec
+ *   int32  mtime_nsec
+ *   uint32 devmajor, devminor
+ *   int64  header_offset
+ *   uint8  digest[32]              sha256 of the content (zeros unless has_digest)
+ *   uint32 path_len, link_len, nxattrs, nsparse
+ *   path bytes, link bytes
+ *   nxattrs x (uint32 name_len, uint32 value_len, name bytes, value bytes)
+ *   nsparse x (int64 offset, int64 length)
+ * Digests of the whole stream go to *out. */
+int lfs_scan(int in_fd, int out_fd, int compression, int flags,
+             lfs_digests *out, lfs_error *err);
+
 int lfs_has_openat2(void);
 #endif

@@ -1,0 +1,233 @@
+"""The one place that calls the C core (``layerfs._core``) and maps its errors.
+
+Each C entry point is wrapped once here, with argument conversion and error
+mapping; everything above this module works with paths, file objects and
+Python values.  cffi releases the GIL for the whole of each call.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Tuple
+
+from ._core import ffi, lib
+from .errors import LayerError
+
+COMP_AUTO = lib.LFS_COMP_AUTO
+COMP_NONE = lib.LFS_COMP_NONE
+COMP_GZIP = lib.LFS_COMP_GZIP
+COMP_ZSTD = lib.LFS_COMP_ZSTD
+
+COMPRESSION_NAMES = {COMP_NONE: "none", COMP_GZIP: "gzip", COMP_ZSTD: "zstd"}
+COMPRESSION_CODES = {v: k for k, v in COMPRESSION_NAMES.items()}
+COMPRESSION_CODES["auto"] = COMP_AUTO
+
+WHITEOUT_MODES = {"apply": lib.LFS_WH_APPLY, "overlay": lib.LFS_WH_OVERLAY, "keep": lib.LFS_WH_KEEP}
+OWNER_MODES = {"keep": lib.LFS_OWNER_KEEP, "skip": lib.LFS_OWNER_SKIP, "map": lib.LFS_OWNER_MAP}
+SOURCE_FORMATS = {"plain": lib.LFS_SRC_PLAIN, "overlay": lib.LFS_SRC_OVERLAY}
+CHANGE_KINDS = {"path": lib.LFS_CHANGE_PATH, "delete": lib.LFS_CHANGE_DELETE,
+                "opaque": lib.LFS_CHANGE_OPAQUE}
+
+COPY_NO_OWNER = lib.LFS_COPY_NO_OWNER
+COPY_NO_XATTRS = lib.LFS_COPY_NO_XATTRS
+COPY_NO_REFLINK = lib.LFS_COPY_NO_REFLINK
+
+
+def _str(buf) -> str:
+    return ffi.string(buf).decode("utf-8", "surrogateescape")
+
+
+def _raise(rc: int, err, default_path: Optional[str] = None):
+    """Turn a failed C call (rc < 0, err filled) into a LayerError."""
+    code = err.code or -rc or _errno.EIO
+    path = _str(err.path) or default_path
+    raise LayerError(code, _str(err.message) or os.strerror(code), path,
+                     entry=_str(err.entry) or None,
+                     offset=err.offset if err.offset >= 0 else None)
+
+
+def _new_error():
+    err = ffi.new("lfs_error *")
+    err.offset = -1
+    return err
+
+
+@dataclass(frozen=True)
+class Digests:
+    digest: str          # "sha256:<hex>" of the blob as read or written
+    diff_id: str         # "sha256:<hex>" of the uncompressed tar stream
+    compressed_size: int
+    tar_size: int
+    compression: str     # "none", "gzip" or "zstd"
+
+
+def _digests(d) -> Digests:
+    return Digests(
+        digest="sha256:" + bytes(ffi.buffer(d.digest, 32)).hex(),
+        diff_id="sha256:" + bytes(ffi.buffer(d.diff_id, 32)).hex(),
+        compressed_size=int(d.compressed_size),
+        tar_size=int(d.tar_size),
+        compression=COMPRESSION_NAMES.get(d.compression, "none"),
+    )
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    digests: Digests
+    entries: int
+    whiteouts: int
+    warnings: int
+    first_warning: Optional[str]
+
+
+IdMap = Sequence[Tuple[int, int, int]]  # (inner, outer, count)
+
+
+def _idmap(m: Optional[IdMap]):
+    if not m:
+        return ffi.NULL, 0
+    arr = ffi.new("lfs_idmap[]", len(m))
+    for i, (inner, outer, count) in enumerate(m):
+        arr[i].inner, arr[i].outer, arr[i].count = inner, outer, count
+    return arr, len(m)
+
+
+def apply(in_fd: int, root_fd: int, *, compression: int = COMP_AUTO,
+          whiteouts: str = "apply", overlay_user_xattr: bool = False,
+          owners: str = "keep", uid_map: Optional[IdMap] = None,
+          gid_map: Optional[IdMap] = None, skip_devices: bool = False,
+          no_xattrs: bool = False, threads: int = 0, max_entries: int = 0,
+          max_pax_size: int = 0, max_xattrs_size: int = 0,
+          name: Optional[str] = None) -> ApplyResult:
+    """Apply the layer stream on in_fd to the directory root_fd (lfs_apply)."""
+    opts = ffi.new("lfs_apply_opts *")
+    opts.compression = compression
+    opts.whiteouts = WHITEOUT_MODES[whiteouts]
+    opts.overlay_user_xattr = int(overlay_user_xattr)
+    opts.owners = OWNER_MODES[owners]
+    uids, nuids = _idmap(uid_map)
+    gids, ngids = _idmap(gid_map)
+    opts.uid_map, opts.uid_map_len = uids, nuids
+    opts.gid_map, opts.gid_map_len = gids, ngids
+    opts.skip_devices = int(skip_devices)
+    opts.no_xattrs = int(no_xattrs)
+    opts.threads = threads
+    opts.max_entries = max_entries
+    opts.max_pax_size = max_pax_size
+    opts.max_xattrs_size = max_xattrs_size
+    res = ffi.new("lfs_apply_result *")
+    err = _new_error()
+    rc = lib.lfs_apply(in_fd, root_fd, opts, res, err)
+    if rc < 0:
+        _raise(rc, err, name)
+    warn = _str(res.first_warning)
+    return ApplyResult(_digests(res.digests), int(res.entries), int(res.whiteouts),
+                       int(res.warnings), warn or None)
+
+
+def digest_stream(in_fd: int, compression: int = COMP_AUTO, name: Optional[str] = None) -> Digests:
+    out = ffi.new("lfs_digests *")
+    err = _new_error()
+    rc = lib.lfs_digest_stream(in_fd, compression, out, err)
+    if rc < 0:
+        _raise(rc, err, name)
+    return _digests(out[0])
+
+
+def sha256_fd(fd: int, name: Optional[str] = None) -> Tuple[str, int]:
+    out = ffi.new("unsigned char[32]")
+    size = ffi.new("uint64_t *")
+    err = _new_error()
+    rc = lib.lfs_sha256_fd(fd, out, size, err)
+    if rc < 0:
+        _raise(rc, err, name)
+    return "sha256:" + bytes(ffi.buffer(out, 32)).hex(), int(size[0])
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    digests: Digests
+    entries: int
+
+
+def create(root_fd: int, out_fd: int, *, changes: Optional[Iterable[Tuple[str, str]]] = None,
+           compression: int = COMP_NONE, level: int = 0, threads: int = 0,
+           source: str = "plain", overlay_user_xattr: bool = False, sparse: bool = False,
+           source_date_epoch: Optional[int] = None, no_xattrs: bool = False,
+           name: Optional[str] = None) -> CreateResult:
+    """Write a layer tar of root_fd (or of the listed changes) to out_fd (lfs_create).
+
+    changes: iterable of (relative path, kind) with kind "path", "delete" or "opaque".
+    """
+    opts = ffi.new("lfs_create_opts *")
+    opts.compression = compression
+    opts.level = level
+    opts.threads = threads
+    opts.source = SOURCE_FORMATS[source]
+    opts.overlay_user_xattr = int(overlay_user_xattr)
+    opts.sparse = int(sparse)
+    if source_date_epoch is not None:
+        opts.clamp_mtime = 1
+        opts.source_date_epoch = int(source_date_epoch)
+    opts.no_xattrs = int(no_xattrs)
+    keep = []
+    if changes is None:
+        carr, n = ffi.NULL, 0
+    else:
+        changes = list(changes)
+        n = len(changes)
+        carr = ffi.new("lfs_change[]", max(n, 1))
+        for i, (path, kind) in enumerate(changes):
+            b = ffi.new("char[]", os.fsencode(path))
+            keep.append(b)
+            carr[i].path = b
+            carr[i].kind = CHANGE_KINDS[kind]
+    res = ffi.new("lfs_create_result *")
+    err = _new_error()
+    rc = lib.lfs_create(root_fd, carr, n, out_fd, opts, res, err)
+    if rc < 0:
+        _raise(rc, err, name)
+    return CreateResult(_digests(res.digests), int(res.entries))
+
+
+@dataclass(frozen=True)
+class CopyStats:
+    files: int
+    dirs: int
+    bytes: int
+    reflinked: int
+    hardlinks: int
+
+
+def _stats(s) -> CopyStats:
+    return CopyStats(int(s.files), int(s.dirs), int(s.bytes), int(s.reflinked), int(s.hardlinks))
+
+
+def copy_file(src_dirfd: int, src: str, dst_dirfd: int, dst: str, flags: int = 0) -> CopyStats:
+    st = ffi.new("lfs_copy_stats *")
+    err = _new_error()
+    rc = lib.lfs_copy_file(src_dirfd, os.fsencode(src), dst_dirfd, os.fsencode(dst), flags, st, err)
+    if rc < 0:
+        _raise(rc, err, src)
+    return _stats(st)
+
+
+def copy_tree(src_dirfd: int, src: str, dst_dirfd: int, dst: str, flags: int = 0) -> CopyStats:
+    st = ffi.new("lfs_copy_stats *")
+    err = _new_error()
+    rc = lib.lfs_copy_tree(src_dirfd, os.fsencode(src), dst_dirfd, os.fsencode(dst), flags, st, err)
+    if rc < 0:
+        _raise(rc, err, src)
+    return _stats(st)
+
+
+def remove_tree(dirfd: int, path: str) -> None:
+    err = _new_error()
+    rc = lib.lfs_remove_tree(dirfd, os.fsencode(path), err)
+    if rc < 0:
+        _raise(rc, err, path)
+
+
+def has_openat2() -> bool:
+    return bool(lib.lfs_has_openat2())
