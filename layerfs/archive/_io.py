@@ -1,0 +1,152 @@
+"""Turning the sources and outputs people pass in (paths, file objects) into fds.
+
+The C core reads and writes file descriptors.  A path is opened; a file object
+with a working ``fileno()`` is used as it is (from its current position); any
+other binary stream is fed through a pipe by a Python thread while the C call
+runs with the GIL released.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, Optional, Tuple, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+Source = Union[PathLike, BinaryIO]
+
+_CHUNK = 1 << 20
+
+
+def source_name(source) -> str:
+    if isinstance(source, (str, bytes, os.PathLike)):
+        return os.fsdecode(source)
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else "<stream>"
+
+
+def _real_fileno(f) -> Optional[int]:
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+@contextmanager
+def open_source(source: Source) -> Iterator[Tuple[int, str]]:
+    """Yield (readable fd, display name) for a layer source."""
+    name = source_name(source)
+    if isinstance(source, (str, bytes, os.PathLike)):
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+        return
+    fd = _real_fileno(source)
+    if fd is not None:
+        # A buffered reader may hold bytes it already read: start the fd where
+        # the object's logical position is.
+        try:
+            pos = source.tell()
+        except (OSError, ValueError, AttributeError):
+            pos = None
+        if pos is not None:
+            try:
+                os.lseek(fd, pos, os.SEEK_SET)
+            except OSError:
+                pos = None
+        try:
+            yield fd, name
+        finally:
+            if pos is not None:
+                try:
+                    source.seek(os.lseek(fd, 0, os.SEEK_CUR))
+                except (OSError, ValueError):
+                    pass
+        return
+    rfd, wfd = os.pipe()
+    failure = []
+
+    def feed():
+        try:
+            while True:
+                chunk = source.read(_CHUNK)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(wfd, view)
+                    view = view[n:]
+        except BrokenPipeError:
+            pass  # the reader stopped early; its own error says why
+        except BaseException as e:  # noqa: BLE001 - reported after the C call
+            failure.append(e)
+        finally:
+            os.close(wfd)
+
+    t = threading.Thread(target=feed, name="layerfs-feed", daemon=True)
+    t.start()
+    try:
+        yield rfd, name
+    finally:
+        os.close(rfd)
+        t.join()
+    if failure:
+        raise failure[0]
+
+
+@contextmanager
+def open_output(output) -> Iterator[Tuple[int, str]]:
+    """Yield (writable fd, display name).  A path is written to a temp file beside
+    it and renamed into place only when the block succeeds."""
+    if isinstance(output, (str, bytes, os.PathLike)):
+        path = os.fsdecode(output)
+        d = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            yield fd, path
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.rename(tmp, path)
+        return
+    name = source_name(output)
+    fd = _real_fileno(output)
+    if fd is not None:
+        output.flush()
+        yield fd, name
+        return
+    rfd, wfd = os.pipe()
+    failure = []
+
+    def drain():
+        try:
+            while True:
+                chunk = os.read(rfd, _CHUNK)
+                if not chunk:
+                    break
+                output.write(chunk)
+        except BaseException as e:  # noqa: BLE001
+            failure.append(e)
+            # keep draining so the writer never blocks forever
+            while os.read(rfd, _CHUNK):
+                pass
+        finally:
+            os.close(rfd)
+
+    t = threading.Thread(target=drain, name="layerfs-drain", daemon=True)
+    t.start()
+    try:
+        yield wfd, name
+    finally:
+        os.close(wfd)
+        t.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,63 @@
+"""The ``layerfs`` command.
+
+``main(argv) -> int`` returns the exit status: 0 ok, 1 differences found
+(diff), 2 error.  Errors print one line on stderr; payload (and ``--json``)
+goes to stdout; progress goes to stderr, only when it is a terminal.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import click
+
+from ..errors import LayerError
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="layerfs")
+def cli():
+    """Container image layers and storage drivers."""
+
+
+def _register():
+    from . import archive_cmds  # noqa: F401  (commands register themselves on `cli`)
+    from . import driver_cmds  # noqa: F401
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, LayerError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return str(e) or e.__class__.__name__
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _register()
+    try:
+        rv = cli.main(args=argv, prog_name="layerfs", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        click.echo("layerfs: aborted", err=True)
+        return EXIT_ERROR
+    except click.ClickException as e:
+        click.echo(f"layerfs: error: {e.format_message()}", err=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        click.echo("layerfs: interrupted", err=True)
+        return EXIT_ERROR
+    except (OSError, ValueError) as e:
+        click.echo(f"layerfs: error: {_describe(e)}", err=True)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_ERROR
+    return rv if isinstance(rv, int) else EXIT_OK
+
+
+def run():  # console_scripts entry point
+    sys.exit(main())

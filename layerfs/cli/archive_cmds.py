@@ -1,0 +1,74 @@
+"""Verbs on layer archives: unpack, digest."""
+from __future__ import annotations
+
+import time
+
+import click
+
+from . import cli
+from ._output import emit_json, human_size, progress, progress_enabled
+from ..archive import unpack_layers
+from ..digest import chain_id, layer_digests
+
+JSON_VERSION = 1
+
+
+@cli.command()
+@click.argument("layers", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--whiteouts", type=click.Choice(["apply", "overlay", "keep"]), default="apply",
+              show_default=True, help="How whiteouts are written.")
+@click.option("--owners", type=click.Choice(["keep", "skip"]), default="keep", show_default=True,
+              help="skip: do not chown (for running unprivileged).")
+@click.option("--skip-devices", is_flag=True, help="Do not create device nodes (warn instead).")
+@click.option("--no-xattrs", is_flag=True, help="Do not set extended attributes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, quiet):
+    """Apply LAYERS in order onto DEST (flatten an image).
+
+    Each layer is a tar, tar.gz or tar.zst; its digest and DiffID are computed in
+    the same pass. A DEST that is missing or empty is built in a temporary
+    directory beside it and appears only when every layer applied.
+    """
+    show = progress_enabled(quiet)
+    start = time.monotonic()
+
+    def on_layer(i, name, r):
+        progress(f"layer {i + 1}/{len(layers)} {name}: {r.entries} entries, "
+                 f"{human_size(r.tar_size)} ({r.compression})", show)
+
+    results = unpack_layers(layers, dest, whiteouts=whiteouts, owners=owners,
+                            skip_devices=skip_devices, no_xattrs=no_xattrs, progress=on_layer)
+    warnings = sum(r.warnings for r in results)
+    if warnings:
+        first = next(r.first_warning for r in results if r.warnings)
+        click.echo(f"layerfs: warning: {warnings} item(s) skipped; first: {first}", err=True)
+    chain = chain_id([r.diff_id for r in results])
+    if as_json:
+        emit_json({"version": JSON_VERSION, "dest": dest, "chain_id": chain,
+                   "layers": [r.as_dict() for r in results]})
+    else:
+        for r in results:
+            click.echo(f"{r.source}\tdigest {r.digest}\tdiff_id {r.diff_id}\t{r.entries} entries")
+        click.echo(f"chain_id {chain}")
+    progress(f"unpacked {len(results)} layer(s) into {dest} in {time.monotonic() - start:.2f}s", show)
+    return 0
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def digest(files, as_json):
+    """Print the digest (of the bytes) and DiffID (of the tar) of layer FILES."""
+    docs = []
+    for f in files:
+        d = layer_digests(f)
+        docs.append({"file": f, "digest": d.digest, "diff_id": d.diff_id,
+                     "compression": d.compression, "size": d.compressed_size,
+                     "tar_size": d.tar_size})
+        if not as_json:
+            click.echo(f"{f}\tdigest {d.digest}\tdiff_id {d.diff_id}\t{d.compression}")
+    if as_json:
+        emit_json({"version": JSON_VERSION, "files": docs})
+    return 0
