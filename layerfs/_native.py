@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
 from .errors import LayerError
@@ -227,6 +229,124 @@ def remove_tree(dirfd: int, path: str) -> None:
     rc = lib.lfs_remove_tree(dirfd, os.fsencode(path), err)
     if rc < 0:
         _raise(rc, err, path)
+
+
+SCAN_HASH = lib.LFS_SCAN_HASH
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    """One archive entry as the C tar parser saw it (see lfs_scan in csrc/layerfs.h)."""
+    path: str                      # as in the archive (not normalised); surrogateescape-decoded
+    type: str                      # "0" file, "1" hardlink, "2" symlink, "3" char, "4" block, "5" dir, "6" fifo
+    mode: int                      # permission bits (07777)
+    uid: int
+    gid: int
+    size: int                      # file size (the real size for sparse files); 0 unless a regular file
+    mtime_sec: int
+    mtime_nsec: int
+    devmajor: int
+    devminor: int
+    header_offset: int             # offset of the entry's first header in the tar stream
+    digest: Optional[str]          # "sha256:<hex>" of the (expanded) content, regular files when hashing
+    linkname: str                  # hardlink/symlink target, "" otherwise
+    xattrs: Dict[str, bytes] = field(default_factory=dict)
+    sparse: Tuple[Tuple[int, int], ...] = ()   # (offset, length) data segments of a sparse file
+
+    @property
+    def mtime(self) -> float:
+        return self.mtime_sec + self.mtime_nsec / 1e9
+
+
+_SCAN_FIXED = struct.Struct("<IBBHIIIqqiIIq32sIIII")
+
+
+def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
+    """Parse the complete records at the start of buf into out; returns the bytes used."""
+    pos, n, fixed = 0, len(buf), _SCAN_FIXED.size
+    mv = memoryview(buf)
+    try:
+        while n - pos >= 4:
+            reclen = struct.unpack_from("<I", buf, pos)[0]
+            if n - pos - 4 < reclen:
+                break
+            end = pos + 4 + reclen
+            (_, typ, has_digest, _, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, dig,
+             plen, llen, nx, ns) = _SCAN_FIXED.unpack_from(buf, pos)
+            p = pos + fixed
+            path = bytes(mv[p:p + plen]).decode("utf-8", "surrogateescape")
+            p += plen
+            link = bytes(mv[p:p + llen]).decode("utf-8", "surrogateescape")
+            p += llen
+            xattrs = {}
+            for _ in range(nx):
+                nl, vl = struct.unpack_from("<II", buf, p)
+                p += 8
+                name = bytes(mv[p:p + nl]).decode("utf-8", "surrogateescape")
+                p += nl
+                xattrs[name] = bytes(mv[p:p + vl])
+                p += vl
+            sparse = tuple(struct.iter_unpack("<qq", mv[p:p + 16 * ns])) if ns else ()
+            p += 16 * ns
+            if p != end:
+                raise ValueError(f"malformed scan record at byte {pos}")
+            out.append(ScanEntry(
+                path=path, type=chr(typ), mode=mode, uid=uid, gid=gid, size=size,
+                mtime_sec=msec, mtime_nsec=mnsec, devmajor=dmaj, devminor=dmin,
+                header_offset=hoff, digest="sha256:" + dig.hex() if has_digest else None,
+                linkname=link, xattrs=xattrs, sparse=sparse))
+            pos = end
+    finally:
+        mv.release()
+    return pos
+
+
+def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
+         name: Optional[str] = None) -> Tuple[List[ScanEntry], Digests]:
+    """List the layer stream on in_fd without extracting it (lfs_scan).
+
+    Returns the entries in archive order and the digests of the stream.  The C
+    call runs in this thread (without the GIL) and writes records into a pipe
+    that a helper thread drains and parses.
+    """
+    entries: List[ScanEntry] = []
+    failure: List[BaseException] = []
+    r, w = os.pipe()
+
+    def reader() -> None:
+        pending = bytearray()
+        try:
+            while True:
+                chunk = os.read(r, 1 << 20)
+                if not chunk:
+                    break
+                if failure:
+                    continue            # keep draining so the writer never blocks
+                pending += chunk
+                try:
+                    used = _parse_scan_records(pending, entries)
+                    del pending[:used]
+                except Exception as exc:  # noqa: BLE001 - re-raised in the caller
+                    failure.append(exc)
+            if pending and not failure:
+                failure.append(ValueError("scan records end inside a record"))
+        finally:
+            os.close(r)
+
+    thread = threading.Thread(target=reader, name="layerfs-scan", daemon=True)
+    thread.start()
+    out = ffi.new("lfs_digests *")
+    err = _new_error()
+    try:
+        rc = lib.lfs_scan(in_fd, w, compression, SCAN_HASH if hash else 0, out, err)
+    finally:
+        os.close(w)
+        thread.join()
+    if rc < 0:
+        _raise(rc, err, name)
+    if failure:
+        raise failure[0]
+    return entries, _digests(out[0])
 
 
 def has_openat2() -> bool:
