@@ -124,7 +124,12 @@ void lfs_tar_free(lfs_tar *t);
  * O_NOFOLLOW and resolves symlinks itself inside the root).  With create != 0,
  * missing directories are made (mode 0755). */
 int lfs_open_dir_in_root(int root_fd, const char *path, int create, lfs_error *err);
-/* rm -rf of dirfd/name, never following symlinks. */
+/* The same with the choices made by the caller: use_openat2 (from lfs_has_openat2(),
+ * read once per call), and the owner given to directories it makes (uid (uid_t)-1:
+ * leave them as made).  Made directories always get mode 0755. */
+int lfs_open_dir_in_root_ex(int root_fd, const char *path, int create, int use_openat2,
+                            uid_t uid, gid_t gid, lfs_error *err);
+/* rm -rf of dirfd/name, never following symlinks; a missing name is not an error. */
 int lfs_remove_at(int dirfd, const char *name, lfs_error *err);
 
 #endif
