@@ -271,7 +271,8 @@ class DirectoryDriver(Driver):
         for sub in ("layers", "staging", "trash"):
             os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
         self._lock_path = os.path.join(self.root, "lock")
-        self._sweep()
+        with self._locked():  # another process may be staging a layer right now
+            self._sweep()
 
     # -- locking and records ----------------------------------------------
     @contextlib.contextmanager
@@ -575,8 +576,10 @@ def backing_filesystem(path: str) -> str:
     return fstype
 
 
-def tar_stream_of(root: str, **create_options) -> BinaryIO:
-    """A readable stream of create_layer(root, ...) run in a background thread."""
+def tar_stream_of(root: str, *, on_done=None, **create_options) -> BinaryIO:
+    """A readable stream of create_layer(root, ...) run in a background thread.
+    on_done() runs in that thread once the tar is written (or failed), e.g. to
+    unmount a view the tar was read from."""
     from ..archive import create_layer
     rfd, wfd = os.pipe()
     failure: List[BaseException] = []
@@ -589,6 +592,11 @@ def tar_stream_of(root: str, **create_options) -> BinaryIO:
         finally:
             with contextlib.suppress(OSError):
                 os.close(wfd)
+            if on_done is not None:
+                try:
+                    on_done()
+                except BaseException as e:  # noqa: BLE001 - re-raised on close
+                    failure.append(e)
 
     t = threading.Thread(target=write, name="layerfs-diff", daemon=True)
     t.start()
