@@ -25,8 +25,8 @@
  * removal or a new symlink cannot change what an unaliased chain level names.
  * An aliased level (reached through a symlink) may sit anywhere, so when an entry
  * removes a directory or symlink or creates a symlink while the chain is
- * aliased, the chain is cut back above the first alias before the next lookup
- * (not at once: the current entry keeps its parent fd).  Directory entries put
+ * aliased, the whole chain is dropped before the next lookup (not at once: the
+ * current entry keeps its parent fd).  Directory entries put
  * their own fd on the chain, since their children follow.  At most CHAIN_FDS
  * levels hold fds (plus the deepest), so deep trees stay within the fd limit.
  *
@@ -375,9 +375,9 @@ static int fix_new_dir(ctx *c, int fd)
  * (valid until the next dir_fd).  create: make missing directories. */
 static int dir_fd(ctx *c, const char *p, size_t n, int create)
 {
-    if (c->stale) {
+    if (c->stale) {                     /* an aliased level may be an ancestor of any other */
         c->stale = 0;
-        if (c->alias_level) chain_cut(c, c->alias_level - 1);
+        chain_cut(c, 0);
     }
     if (n == c->clen && c->lfd[c->nlev] >= 0 && memcmp(p, c->cpath, n) == 0)
         return c->lfd[c->nlev];
