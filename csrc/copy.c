@@ -582,6 +582,20 @@ static void hl_free(hl_map *m)
 
 /* ------------------------------------------------------------ lfs_copy_tree */
 
+/* The new top directory may have inherited POSIX ACLs from a default ACL of the
+ * directory it was made in; drop them so that the copies get exactly the
+ * source's modes (the source's own ACLs are copied with its xattrs). */
+static int drop_inherited_acls(int fd, lfs_error *err, const char *path)
+{
+    static const char *names[] = { "system.posix_acl_default", "system.posix_acl_access" };
+    for (size_t i = 0; i < 2; i++) {
+        if (fremovexattr(fd, names[i]) < 0 && errno != ENODATA && errno != EOPNOTSUPP)
+            return lfs_fail(err, errno, -1, path, NULL, "removing the inherited %s: %s",
+                            names[i], strerror(errno));
+    }
+    return 0;
+}
+
 typedef struct dname {
     char *name;
     unsigned char type;           /* DT_* from getdents */
@@ -884,6 +898,7 @@ int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst
     if (mkdirat(dst_dirfd, dst, 0700) < 0) { rc = lfs_fail(err, errno, -1, dst, NULL, "creating: %s", strerror(errno)); goto out; }
     d0 = openat(dst_dirfd, dst, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (d0 < 0) { rc = lfs_fail(err, errno, -1, dst, NULL, "opening: %s", strerror(errno)); goto out; }
+    if ((rc = drop_inherited_acls(d0, err, dst)) < 0) goto out;
     t.droot = dup(d0);
     if (t.droot < 0) { rc = lfs_fail(err, errno, -1, dst, NULL, "dup: %s", strerror(errno)); goto out; }
     t.c.st.dirs++;
