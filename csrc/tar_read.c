@@ -72,8 +72,16 @@ typedef struct pax_state {
     int sp_kind;                  /* 0 none, 1 GNU.sparse.map (0.1), 2 offset/numbytes pairs (0.0) */
     int pair_open;                /* an offset waits for its numbytes */
     int64_t pair_offset;
-    uint64_t xattr_bytes;
 } pax_state;
+
+/* An xattr record as found: raw name (NUL-terminated at its '='), raw value. */
+typedef struct xrec {
+    char *name;
+    unsigned char *value;
+    size_t len;
+    int libarchive;               /* LIBARCHIVE.xattr (name URL-encoded, value base64) */
+    int drop;
+} xrec;
 
 struct lfs_tar {
     lfs_src *src;
@@ -91,9 +99,12 @@ struct lfs_tar {
     gbuf llink;                   /* GNU 'K' */
     int have_lname, have_llink;
     gbuf pax;                     /* 'x' records, rewritten in place into strings */
+    size_t pax_len;
     gbuf glob;                    /* 'g' records */
     pax_state px;
-    lfs_xattr *xattrs;
+    xrec *xr;                     /* records of the pending PAX header */
+    size_t nxr, xr_cap;
+    lfs_xattr *xattrs;            /* the entry's xattrs */
     size_t nxattrs, xattrs_cap;
     lfs_sparse *sparse;
     size_t nsparse, sparse_cap;
@@ -270,19 +281,17 @@ static int push_sparse(lfs_tar *t, int64_t off, int64_t len)
     return 0;
 }
 
-static int push_xattr(lfs_tar *t, char *name, unsigned char *value, size_t len)
+static int push_xrec(lfs_tar *t, char *name, unsigned char *value, size_t len, int libarchive)
 {
-    if (t->nxattrs == t->xattrs_cap) {
-        size_t cap = t->xattrs_cap ? t->xattrs_cap * 2 : 8;
-        lfs_xattr *p = realloc(t->xattrs, cap * sizeof *p);
+    if (t->nxr == t->xr_cap) {
+        size_t cap = t->xr_cap ? t->xr_cap * 2 : 8;
+        xrec *p = realloc(t->xr, cap * sizeof *p);
         if (!p) return -ENOMEM;
-        t->xattrs = p;
-        t->xattrs_cap = cap;
+        t->xr = p;
+        t->xr_cap = cap;
     }
-    t->xattrs[t->nxattrs].name = name;
-    t->xattrs[t->nxattrs].value = value;
-    t->xattrs[t->nxattrs].len = len;
-    t->nxattrs++;
+    t->xr[t->nxr] = (xrec){name, value, len, libarchive, 0};
+    t->nxr++;
     return 0;
 }
 
@@ -395,7 +404,7 @@ static int read_payload(lfs_tar *t, gbuf *b, int64_t n, const char *what, const 
 static void pax_reset(lfs_tar *t)
 {
     memset(&t->px, 0, sizeof t->px);
-    t->nxattrs = 0;
+    t->nxr = 0;
     t->nsparse = 0;
 }
 
@@ -442,27 +451,85 @@ static int pax_string(char *v, size_t vlen, const char *what, const char **out,
 static int pax_xattr(lfs_tar *t, char *name, size_t nlen, unsigned char *v, size_t vlen,
                      int libarchive, int64_t off, const char *entry, lfs_error *err)
 {
-    if (libarchive) {
-        ssize_t n = url_decode((unsigned char *)name, nlen);
-        if (n < 0)
-            return lfs_fail(err, EINVAL, off, NULL, entry,
-                            "malformed URL encoding in LIBARCHIVE.xattr name");
-        nlen = (size_t)n;
-        ssize_t m = b64_decode(v, vlen);
-        if (m < 0)
-            return lfs_fail(err, EINVAL, off, NULL, entry,
-                            "malformed base64 value of LIBARCHIVE.xattr.%.*s", (int)nlen, name);
-        vlen = (size_t)m;
+    if (nlen == 0)
+        return lfs_fail(err, EINVAL, off, NULL, entry, "empty xattr name in PAX header");
+    name[nlen] = 0;               /* overwrites the '=' */
+    if (push_xrec(t, name, v, vlen, libarchive) < 0)
+        return lfs_fail(err, ENOMEM, off, NULL, entry, "out of memory");
+    return 0;
+}
+
+static int xrec_cmp(const void *a, const void *b)
+{
+    const xrec *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+    if (c) return c;
+    return (x->name > y->name) - (x->name < y->name);   /* record order */
+}
+
+/* The entry's xattrs from the collected records.  libarchive writes each
+ * xattr twice, as LIBARCHIVE.xattr.NAME (URL-encoded name, base64 value) and
+ * as SCHILY.xattr.NAME with the same encoded NAME; a SCHILY record whose raw
+ * name has a LIBARCHIVE twin in the same header is that copy and is dropped.
+ * Then the names are decoded, and of equal names the last record wins.  The
+ * result is sorted by name. */
+static int finish_xattrs(lfs_tar *t, int64_t off, const char *entry, lfs_error *err)
+{
+    size_t n = t->nxr, k;
+    xrec *xr = t->xr;
+    int lib = 0, schily = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (xr[i].libarchive) lib = 1;
+        else schily = 1;
     }
-    if (nlen == 0 || memchr(name, 0, nlen))
-        return lfs_fail(err, EINVAL, off, NULL, entry, "invalid xattr name in PAX header");
-    name[nlen] = 0;               /* overwrites '=' (or lies within the decoded name's slack) */
-    t->px.xattr_bytes += nlen + vlen;
-    if (t->px.xattr_bytes > t->max_xattrs)
+    if (lib && schily) {
+        qsort(xr, n, sizeof *xr, xrec_cmp);
+        for (size_t i = 0; i < n;) {
+            size_t j = i;
+            int twin = 0;
+            while (j < n && strcmp(xr[j].name, xr[i].name) == 0) twin |= xr[j++].libarchive;
+            for (; i < j; i++)
+                if (twin && !xr[i].libarchive) xr[i].drop = 1;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!xr[i].libarchive || xr[i].drop) continue;
+        ssize_t nl = url_decode((unsigned char *)xr[i].name, strlen(xr[i].name));
+        if (nl <= 0 || memchr(xr[i].name, 0, (size_t)nl))
+            return lfs_fail(err, EINVAL, off, NULL, entry,
+                            "malformed URL-encoded name LIBARCHIVE.xattr.%s", xr[i].name);
+        xr[i].name[nl] = 0;
+        ssize_t vl = b64_decode(xr[i].value, xr[i].len);
+        if (vl < 0)
+            return lfs_fail(err, EINVAL, off, NULL, entry,
+                            "malformed base64 value of LIBARCHIVE.xattr.%s", xr[i].name);
+        xr[i].len = (size_t)vl;
+    }
+    if (n > 1) qsort(xr, n, sizeof *xr, xrec_cmp);
+    if (t->xattrs_cap < n) {
+        lfs_xattr *p = realloc(t->xattrs, n * sizeof *p);
+        if (!p) return lfs_fail(err, ENOMEM, off, NULL, entry, "out of memory");
+        t->xattrs = p;
+        t->xattrs_cap = n;
+    }
+    uint64_t total = 0;
+    k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (xr[i].drop) continue;
+        size_t j = i + 1;
+        while (j < n && xr[j].drop) j++;
+        if (j < n && strcmp(xr[i].name, xr[j].name) == 0) continue;   /* a later record wins */
+        t->xattrs[k].name = xr[i].name;
+        t->xattrs[k].value = xr[i].value;
+        t->xattrs[k].len = xr[i].len;
+        total += strlen(xr[i].name) + xr[i].len;
+        k++;
+    }
+    if (total > t->max_xattrs)
         return lfs_fail(err, E2BIG, off, NULL, entry,
-                        "xattrs of the entry exceed the limit of %llu bytes",
-                        (unsigned long long)t->max_xattrs);
-    if (push_xattr(t, name, v, vlen) < 0) return lfs_fail(err, ENOMEM, off, NULL, entry, "out of memory");
+                        "xattrs of the entry (%llu bytes) exceed the limit of %llu bytes",
+                        (unsigned long long)total, (unsigned long long)t->max_xattrs);
+    t->nxattrs = k;
     return 0;
 }
 
@@ -493,14 +560,20 @@ static int pax_sparse_map(lfs_tar *t, const char *v, size_t vlen, int64_t off,
     return 0;
 }
 
-/* Parse the records of an extended header.  With apply == 0 (global 'g'
- * headers) only the syntax is checked. */
-static int parse_pax(lfs_tar *t, unsigned char *buf, size_t len, int apply, int64_t off,
-                     lfs_error *err)
+/* The records of an extended header are handled in passes:
+ *   PAX_CHECK    framing only (global 'g' headers; the first step of the others);
+ *   PAX_NAMES    framing, then path, linkpath and GNU.sparse.name (when the 'x'
+ *                header is read, so later errors can name the entry);
+ *   PAX_FIELDS   every other key (when the entry's own header has been read).
+ * Names are NUL-terminated in place (over the record's newline or '='). */
+enum { PAX_CHECK, PAX_NAMES, PAX_FIELDS };
+
+static int parse_pax(lfs_tar *t, unsigned char *buf, size_t len, int pass, int64_t off,
+                     const char *entry_name, lfs_error *err)
 {
     size_t pos = 0;
     while (pos < len) {
-        const char *entry = name_so_far(t);
+        const char *entry = entry_name ? entry_name : name_so_far(t);
         if (buf[pos] == 0) {      /* NUL padding after the last record */
             for (size_t k = pos; k < len; k++)
                 if (buf[k]) return lfs_fail(err, EINVAL, off, NULL, entry, "garbage after PAX records");
@@ -516,7 +589,7 @@ static int parse_pax(lfs_tar *t, unsigned char *buf, size_t len, int apply, int6
         if (i == pos || i >= len || buf[i] != ' ' || rlen > len - pos || rlen < (i - pos) + 1 + 3)
             return lfs_fail(err, EINVAL, off, NULL, entry, "malformed PAX record length at byte %zu", pos);
         size_t end = pos + (size_t)rlen - 1;      /* the newline */
-        if (buf[end] != '\n')
+        if (pass != PAX_FIELDS && buf[end] != '\n')
             return lfs_fail(err, EINVAL, off, NULL, entry, "PAX record at byte %zu does not end with a newline", pos);
         char *key = (char *)buf + i + 1;
         char *eq = memchr(key, '=', (size_t)((char *)buf + end - key));
@@ -528,15 +601,24 @@ static int parse_pax(lfs_tar *t, unsigned char *buf, size_t len, int apply, int6
         char *v = eq + 1;
         size_t vlen = (size_t)((char *)buf + end - v);
         pos += (size_t)rlen;
-        if (!apply) continue;
+        if (pass == PAX_CHECK) continue;
 
         pax_state *px = &t->px;
         int r = 0;
         int64_t x;
-        if (KEYIS("path")) {
-            r = pax_string(v, vlen, "path", &px->path, off, entry, err);
-        } else if (KEYIS("linkpath")) {
-            r = pax_string(v, vlen, "linkpath", &px->linkpath, off, entry, err);
+        int is_name = KEYIS("path") || KEYIS("linkpath") || KEYIS("GNU.sparse.name");
+        if (pass == PAX_NAMES) {
+            if (KEYIS("path"))
+                r = pax_string(v, vlen, "path", &px->path, off, entry, err);
+            else if (KEYIS("linkpath"))
+                r = pax_string(v, vlen, "linkpath", &px->linkpath, off, entry, err);
+            else if (is_name)
+                r = pax_string(v, vlen, "GNU.sparse.name", &px->sparse_name, off, entry, err);
+            if (r < 0) return r;
+            continue;
+        }
+        if (is_name) {
+            /* done in the PAX_NAMES pass */
         } else if (KEYIS("size")) {
             px->has_size = vlen > 0;
             if (vlen) r = pax_number(key, klen, v, vlen, &px->size, off, entry, err);
@@ -566,9 +648,7 @@ static int parse_pax(lfs_tar *t, unsigned char *buf, size_t len, int apply, int6
             const char *sk = key + 11;
             size_t sl = klen - 11;
 #define SKIS(lit) (sl == sizeof(lit) - 1 && memcmp(sk, lit, sizeof(lit) - 1) == 0)
-            if (SKIS("name")) {
-                r = pax_string(v, vlen, "GNU.sparse.name", &px->sparse_name, off, entry, err);
-            } else if (SKIS("size") || SKIS("realsize") || SKIS("major") || SKIS("minor") ||
+            if (SKIS("size") || SKIS("realsize") || SKIS("major") || SKIS("minor") ||
                        SKIS("numblocks")) {
                 int *has;
                 int64_t *dst;
@@ -606,8 +686,8 @@ static int parse_pax(lfs_tar *t, unsigned char *buf, size_t len, int apply, int6
         /* other keys (ctime, uname, gname, charset, comment, vendor records) are ignored */
         if (r < 0) return r;
     }
-    if (apply && t->px.pair_open)
-        return lfs_fail(err, EINVAL, off, NULL, name_so_far(t), "GNU.sparse.offset without GNU.sparse.numbytes");
+    if (pass == PAX_FIELDS && t->px.pair_open)
+        return lfs_fail(err, EINVAL, off, NULL, entry_name, "GNU.sparse.offset without GNU.sparse.numbytes");
     return 0;
 }
 
@@ -782,15 +862,6 @@ static int end_of_archive(lfs_tar *t, int64_t off, lfs_error *err)
     return 0;
 }
 
-/* By name, then by position in the PAX data (names point into it in record order). */
-static int xattr_cmp(const void *a, const void *b)
-{
-    const lfs_xattr *x = a, *y = b;
-    int c = strcmp(x->name, y->name);
-    if (c) return c;
-    return (x->name > y->name) - (x->name < y->name);
-}
-
 /* Build t->e from the header in t->hdr (at hoff) and the pending extended state. */
 static int build_entry(lfs_tar *t, int fmt, int64_t first_off, int64_t hoff, int64_t hsize,
                        lfs_error *err)
@@ -806,7 +877,10 @@ static int build_entry(lfs_tar *t, int fmt, int64_t first_off, int64_t hoff, int
     e->path = (char *)t->name.p;
     if (t->have_lname) e->path = (char *)t->lname.p;
     if (px->path) e->path = (char *)px->path;
-    const char *entry = e->path;
+    const char *entry = px->sparse_name ? px->sparse_name : e->path;
+    if (px->present &&
+        (r = parse_pax(t, t->pax.p, t->pax_len, PAX_FIELDS, px->hdr_off, entry, err)) < 0)
+        return r;
 
     int sparse_pax = 0, sparse_1_0 = 0;
     if (px->has_sp_major || px->has_sp_minor) {
@@ -920,16 +994,8 @@ static int build_entry(lfs_tar *t, int fmt, int64_t first_off, int64_t hoff, int
         e->devminor = (uint32_t)mi;
     }
 
-    /* xattrs: unique names (the last record wins), sorted by name */
-    if (t->nxattrs > 1) {
-        qsort(t->xattrs, t->nxattrs, sizeof *t->xattrs, xattr_cmp);
-        size_t k = 0;
-        for (size_t i = 0; i < t->nxattrs; i++) {
-            if (i + 1 < t->nxattrs && strcmp(t->xattrs[i].name, t->xattrs[i + 1].name) == 0) continue;
-            t->xattrs[k++] = t->xattrs[i];
-        }
-        t->nxattrs = k;
-    }
+    t->nxattrs = 0;
+    if (t->nxr && (r = finish_xattrs(t, px->hdr_off, entry, err)) < 0) return r;
     e->xattrs = t->nxattrs ? t->xattrs : NULL;
     e->nxattrs = t->nxattrs;
 
@@ -1046,11 +1112,12 @@ static int next_entry(lfs_tar *t, lfs_error *err)
             if ((r = read_payload(t, &t->pax, size, "PAX header", name_so_far(t), off, err)) < 0) return r;
             t->px.present = 1;
             t->px.hdr_off = off;
-            if ((r = parse_pax(t, t->pax.p, (size_t)size, 1, off, err)) < 0) return r;
+            t->pax_len = (size_t)size;
+            if ((r = parse_pax(t, t->pax.p, (size_t)size, PAX_NAMES, off, NULL, err)) < 0) return r;
             continue;
         case 'g':
             if ((r = read_payload(t, &t->glob, size, "PAX global header", name_so_far(t), off, err)) < 0) return r;
-            if ((r = parse_pax(t, t->glob.p, (size_t)size, 0, off, err)) < 0) return r;
+            if ((r = parse_pax(t, t->glob.p, (size_t)size, PAX_CHECK, off, NULL, err)) < 0) return r;
             continue;
         case 'L':
         case 'K': {
@@ -1140,6 +1207,7 @@ void lfs_tar_free(lfs_tar *t)
     free(t->llink.p);
     free(t->pax.p);
     free(t->glob.p);
+    free(t->xr);
     free(t->xattrs);
     free(t->sparse);
     free(t);
