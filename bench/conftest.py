@@ -66,7 +66,7 @@ def pytest_addoption(parser):
                 default=int(os.environ.get("LAYERFS_BENCH_IMAGE_GB", "32")),
                 help="size of the sparse ext4 image (or tmpfs limit) per benchmark")
     g.addoption("--bench-peers-only", action="store_true",
-                default=bool(os.environ.get("LAYERFS_BENCH_PEERS_ONLY")),
+                default=os.environ.get("LAYERFS_BENCH_PEERS_ONLY", "") not in ("", "0"),
                 help="time only the peer tools (proves the set-up while layerfs is not ready)")
 
 
@@ -280,8 +280,37 @@ class FreshFS:
                 pass
 
 
+def sweep_scratch(scratch: Path = SCRATCH) -> None:
+    """Discard images and mount points left by benchmark processes that died."""
+    if not scratch.is_dir():
+        return
+    for p in scratch.iterdir():
+        parts = p.name.rsplit(".", 3)
+        if len(parts) != 4 or parts[3] not in ("img", "mnt") or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue                                  # its process is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if parts[3] == "mnt":
+            for mp in _mounts_under(p):
+                subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        else:
+            busy = subprocess.run(["losetup", "-j", str(p)], capture_output=True, text=True)
+            if busy.returncode == 0 and not busy.stdout.strip():
+                p.unlink()
+
+
 @pytest.fixture
 def fresh_fs(request):
+    sweep_scratch()
     fs = FreshFS(request.node.name, request.config.getoption("bench_fs"),
                  request.config.getoption("bench_image_gb"))
     try:

@@ -89,6 +89,19 @@ def _bench_label(b: dict) -> str:
     return label
 
 
+def _flat_peers(info: dict) -> List[dict]:
+    """Peers stored as flat keys ``<peer>_median_s`` beside ``ours_median_s``.
+
+    The ratio is recomputed here as layerfs / peer, whatever the file stored."""
+    ours = info.get("ours_median_s")
+    out = []
+    for k, v in info.items():
+        if k.endswith("_median_s") and k != "ours_median_s" and isinstance(v, (int, float)):
+            out.append({"name": k[:-len("_median_s")], "median": v,
+                        "ratio": (ours / v) if ours and v else None})
+    return out
+
+
 def rows(data: dict) -> List[List[str]]:
     out = []
     benches = sorted(data.get("benchmarks", []),
@@ -99,7 +112,7 @@ def rows(data: dict) -> List[List[str]]:
         stats = b.get("stats", {})
         timed_layerfs = info.get("timed", "layerfs") == "layerfs"
         me = stats.get("median") if timed_layerfs else None
-        peers = info.get("peers") or []
+        peers = info.get("peers") or _flat_peers(info)
         if not peers:
             out.append([_bench_label(b), fmt_time(me), "—", "—", "—", ""])
             continue
