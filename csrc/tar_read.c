@@ -1122,6 +1122,9 @@ static int next_entry(lfs_tar *t, lfs_error *err)
         case 'L':
         case 'K': {
             gbuf *b = tf == 'L' ? &t->lname : &t->llink;
+            /* a repeated 'L'/'K' replaces the earlier one (and its buffer may move) */
+            if (tf == 'L') t->have_lname = 0;
+            else t->have_llink = 0;
             if ((r = read_payload(t, b, size, tf == 'L' ? "GNU long name" : "GNU long link",
                                   name_so_far(t), off, err)) < 0)
                 return r;

@@ -263,41 +263,35 @@ _SCAN_FIXED = struct.Struct("<IBBHIIIqqiIIq32sIIII")
 
 def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
     """Parse the complete records at the start of buf into out; returns the bytes used."""
-    pos, n, fixed = 0, len(buf), _SCAN_FIXED.size
-    mv = memoryview(buf)
-    try:
-        while n - pos >= 4:
-            reclen = struct.unpack_from("<I", buf, pos)[0]
-            if n - pos - 4 < reclen:
-                break
-            end = pos + 4 + reclen
-            (_, typ, has_digest, _, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, dig,
-             plen, llen, nx, ns) = _SCAN_FIXED.unpack_from(buf, pos)
-            p = pos + fixed
-            path = bytes(mv[p:p + plen]).decode("utf-8", "surrogateescape")
-            p += plen
-            link = bytes(mv[p:p + llen]).decode("utf-8", "surrogateescape")
-            p += llen
-            xattrs = {}
-            for _ in range(nx):
-                nl, vl = struct.unpack_from("<II", buf, p)
-                p += 8
-                name = bytes(mv[p:p + nl]).decode("utf-8", "surrogateescape")
-                p += nl
-                xattrs[name] = bytes(mv[p:p + vl])
-                p += vl
-            sparse = tuple(struct.iter_unpack("<qq", mv[p:p + 16 * ns])) if ns else ()
+    pos, n = 0, len(buf)
+    unpack_fixed, fixed = _SCAN_FIXED.unpack_from, _SCAN_FIXED.size
+    unpack_from, append, entry = struct.unpack_from, out.append, ScanEntry
+    while n - pos >= 4:
+        end = pos + 4 + unpack_from("<I", buf, pos)[0]
+        if end > n:
+            break
+        (_, typ, has_digest, _, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, dig,
+         plen, llen, nx, ns) = unpack_fixed(buf, pos)
+        p = pos + fixed
+        path = buf[p:p + plen].decode("utf-8", "surrogateescape")
+        p += plen
+        link = buf[p:p + llen].decode("utf-8", "surrogateescape") if llen else ""
+        p += llen
+        xattrs = {}
+        for _ in range(nx):
+            nl, vl = unpack_from("<II", buf, p)
+            p += 8
+            xattrs[buf[p:p + nl].decode("utf-8", "surrogateescape")] = bytes(buf[p + nl:p + nl + vl])
+            p += nl + vl
+        sparse = ()
+        if ns:
+            sparse = tuple(struct.iter_unpack("<qq", buf[p:p + 16 * ns]))
             p += 16 * ns
-            if p != end:
-                raise ValueError(f"malformed scan record at byte {pos}")
-            out.append(ScanEntry(
-                path=path, type=chr(typ), mode=mode, uid=uid, gid=gid, size=size,
-                mtime_sec=msec, mtime_nsec=mnsec, devmajor=dmaj, devminor=dmin,
-                header_offset=hoff, digest="sha256:" + dig.hex() if has_digest else None,
-                linkname=link, xattrs=xattrs, sparse=sparse))
-            pos = end
-    finally:
-        mv.release()
+        if p != end:
+            raise ValueError(f"malformed scan record at byte {pos}")
+        append(entry(path, chr(typ), mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff,
+                     "sha256:" + dig.hex() if has_digest else None, link, xattrs, sparse))
+        pos = end
     return pos
 
 

@@ -698,6 +698,14 @@ def test_truncated_archives(scan_error, scan_bytes):
     assert (e.errno, e.offset) == (errno.EINVAL, 0) and "truncated archive" in e.strerror
 
 
+def test_repeated_gnu_long_name_truncated(scan_error):
+    first = make_tar([(ti("A" * 150), b"")], tarfile.GNU_FORMAT)[:1024]     # 'L' + its name
+    second = make_tar([(ti("B" * 600), b"")], tarfile.GNU_FORMAT)[:BLOCK + 300]
+    e = scan_error(first + second)
+    assert (e.errno, e.offset, e.entry) == (errno.EINVAL, 1024, "././@LongLink")
+    assert "truncated archive: entry '././@LongLink' needs 724 more bytes" in e.strerror
+
+
 def test_end_of_archive_variants(scan_bytes, scan_error):
     data = two_files()
     end = 2048                                        # after the second entry's data
