@@ -271,6 +271,20 @@ def test_no_xattrs_option(root):
     assert res.warnings == 1 and "'f'" in res.first_warning
 
 
+def test_unsupported_xattr_namespace(root, tmp_path):
+    """The kernel refuses an unknown namespace (EOPNOTSUPP): an error when keeping
+    owners, which says why; a warning under the unprivileged options."""
+    data = layer(ti("f", data=b"", pax=xattr_pax({"user.ok": b"1", "bogus.ns": b"x"})))
+    with pytest.raises(LayerError) as ei:
+        apply(root, data)
+    assert ei.value.errno == errno.EOPNOTSUPP and ei.value.entry == "f"
+    assert "bogus.ns" in str(ei.value) and "namespace" in str(ei.value)
+    other = tmp_path / "other"
+    res = apply(other, data, owners="skip")
+    assert os.getxattr(other / "f", "user.ok") == b"1"
+    assert res.warnings == 1 and "bogus.ns" in res.first_warning
+
+
 def test_nanosecond_times(root):
     apply(root, layer(
         ti("d", tarfile.DIRTYPE, pax={"mtime": NS_TIME}),
