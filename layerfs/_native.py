@@ -40,12 +40,23 @@ def _str(buf) -> str:
     return ffi.string(buf).decode("utf-8", "surrogateescape")
 
 
-def _raise(rc: int, err, default_path: Optional[str] = None):
-    """Turn a failed C call (rc < 0, err filled) into a LayerError."""
+def _raise(rc: int, err, default_path: Optional[str] = None, *, source: Optional[str] = None):
+    """Turn a failed C call (rc < 0, err filled) into a LayerError.
+
+    For calls that read an archive, ``source`` names the layer file: it becomes
+    the error's filename, and a path the C core named (other than the entry
+    itself, e.g. a hardlink target) goes into the message.
+    """
     code = err.code or -rc or _errno.EIO
+    message = _str(err.message) or os.strerror(code)
+    entry = _str(err.entry) or None
     path = _str(err.path) or default_path
-    raise LayerError(code, _str(err.message) or os.strerror(code), path,
-                     entry=_str(err.entry) or None,
+    if source is not None:
+        c_path = _str(err.path)
+        if c_path and c_path != entry and c_path.lstrip("/") != (entry or "").lstrip("/"):
+            message = f"{c_path}: {message}"
+        path = source
+    raise LayerError(code, message, path, entry=entry,
                      offset=err.offset if err.offset >= 0 else None)
 
 
@@ -122,7 +133,7 @@ def apply(in_fd: int, root_fd: int, *, compression: int = COMP_AUTO,
     err = _new_error()
     rc = lib.lfs_apply(in_fd, root_fd, opts, res, err)
     if rc < 0:
-        _raise(rc, err, name)
+        _raise(rc, err, source=name or "<stream>")
     warn = _str(res.first_warning)
     return ApplyResult(_digests(res.digests), int(res.entries), int(res.whiteouts),
                        int(res.warnings), warn or None)
@@ -133,7 +144,7 @@ def digest_stream(in_fd: int, compression: int = COMP_AUTO, name: Optional[str] 
     err = _new_error()
     rc = lib.lfs_digest_stream(in_fd, compression, out, err)
     if rc < 0:
-        _raise(rc, err, name)
+        _raise(rc, err, source=name or "<stream>")
     return _digests(out[0])
 
 
