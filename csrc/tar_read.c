@@ -944,6 +944,8 @@ static int build_entry(lfs_tar *t, int fmt, int64_t first_off, int64_t hoff, int
     e->gid = (uint32_t)gid;
 
     int64_t stored = px->has_size ? px->size : hsize;
+    if (stored > INT64_MAX - LFS_BLOCK)
+        return lfs_fail(err, EINVAL, px->hdr_off, NULL, entry, "PAX size %lld out of range", (long long)stored);
 
     if (px->has_mtime) {
         e->mtime_sec = px->mtime_sec;
@@ -1105,6 +1107,8 @@ static int next_entry(lfs_tar *t, lfs_error *err)
         if ((r = hdr_num(t, t->hdr, H_SIZE, 12, "size", off, name_so_far(t), &size, err)) < 0) return r;
         if (size < 0)
             return lfs_fail(err, EINVAL, off, NULL, name_so_far(t), "negative size %lld", (long long)size);
+        if (size > INT64_MAX - LFS_BLOCK)
+            return lfs_fail(err, EINVAL, off, NULL, name_so_far(t), "size %lld out of range", (long long)size);
 
         switch (tf) {
         case 'x':

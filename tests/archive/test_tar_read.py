@@ -639,6 +639,8 @@ def test_pax_uid_largest_valid(scan_bytes):
     (pax_record(b"path", b"p") + b"junk", "malformed PAX record length", "p"),
     (pax_record(b"mtime", b"1.5e3"), "malformed PAX mtime", "entry"),
     (pax_record(b"size", b"-1"), "malformed PAX value size", "entry"),
+    (pax_record(b"size", b"9223372036854775807"), "PAX size 9223372036854775807 out of range", "entry"),
+    (pax_record(b"size", b"9223372036854775808"), "out of range PAX value size", "entry"),
     (pax_record(b"GNU.sparse.offset", b"1"), "GNU.sparse.offset without", "entry"),
     (pax_record(b"SCHILY.xattr.", b"v"), "empty xattr name", "entry"),
     (pax_record(b"LIBARCHIVE.xattr.user.x", b"@@@@"), "malformed base64", "entry"),
