@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <dirent.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,7 @@
 #define OPEN_DEPTH 32               /* directory levels whose fds stay open */
 #define DENTS_BUF 65536
 #define QUEUE_LEN 64                /* regular files waiting for the content thread */
+#define WAKE_BATCH 8                /* queued files that wake the idle content thread */
 
 /* ------------------------------------------------------------ small buffers */
 
@@ -391,7 +393,16 @@ out:
     return rc;
 }
 
-/* ------------------------------------------------------------ content thread */
+/* ------------------------------------------------------------ content thread
+ *
+ * The walk (producer) creates each destination file and queues it; the content
+ * thread (consumer) copies the data and sets the metadata.  The queue is a
+ * single-producer single-consumer ring: head and tail are atomics, and the
+ * mutex is taken only to sleep or to wake the other side.  A side that wants
+ * to sleep sets its *_waiting flag and re-checks under the mutex; the other
+ * side publishes its index first and then reads the flag (both seq_cst), so
+ * a wake-up is never lost.
+ */
 
 typedef struct job {
     int sfd, dfd;
@@ -404,49 +415,52 @@ typedef struct worker {
     pthread_mutex_t mu;
     pthread_cond_t cv_work, cv_space;
     job ring[QUEUE_LEN];
-    size_t head, count;
-    int stop;                     /* no more jobs */
-    int abort;                    /* skip remaining jobs, just close them */
-    int failed;
+    _Atomic size_t head;          /* next job the consumer takes */
+    _Atomic size_t tail;          /* next free slot of the producer */
+    _Atomic int consumer_waiting;
+    _Atomic int producer_waiting;
+    _Atomic int stop;             /* no more jobs */
+    _Atomic int abort;            /* skip the remaining jobs' content, just close them */
+    _Atomic int failed;
     lfs_error err;
     cctx c;
 } worker;
 
-static void run_job(cctx *c, job *j, int skip, int *rc)
+static void wake(worker *w, pthread_cond_t *cv)
 {
-    if (!skip) *rc = finish_regular(c, j->sfd, j->dfd, &j->st, j->path.p);
-    close(j->sfd);
-    if (close(j->dfd) < 0 && !skip && *rc == 0) *rc = fail_errno(c, errno, j->path.p, "closing");
+    pthread_mutex_lock(&w->mu);
+    pthread_cond_signal(cv);
+    pthread_mutex_unlock(&w->mu);
 }
 
 static void *worker_main(void *arg)
 {
     worker *w = arg;
-    job j;
-    memset(&j, 0, sizeof j);
-    pthread_mutex_lock(&w->mu);
     for (;;) {
-        while (w->count == 0 && !w->stop) pthread_cond_wait(&w->cv_work, &w->mu);
-        if (w->count == 0) break;
-        job *slot = &w->ring[w->head];
-        strbuf tmp = j.path;
-        j = *slot;
-        slot->path = tmp;         /* the slot keeps a buffer to reuse */
-        w->head = (w->head + 1) % QUEUE_LEN;
-        w->count--;
-        int skip = w->failed || w->abort;
-        pthread_cond_signal(&w->cv_space);
-        pthread_mutex_unlock(&w->mu);
-        int rc = 0;
-        run_job(&w->c, &j, skip, &rc);
-        pthread_mutex_lock(&w->mu);
-        if (rc < 0 && !w->failed) {
-            w->failed = 1;
-            pthread_cond_signal(&w->cv_space);
+        size_t head = atomic_load(&w->head);
+        if (head == atomic_load(&w->tail)) {
+            if (atomic_load(&w->stop) && head == atomic_load(&w->tail)) break;
+            pthread_mutex_lock(&w->mu);
+            atomic_store(&w->consumer_waiting, 1);
+            while (head == atomic_load(&w->tail) && !atomic_load(&w->stop))
+                pthread_cond_wait(&w->cv_work, &w->mu);
+            atomic_store(&w->consumer_waiting, 0);
+            pthread_mutex_unlock(&w->mu);
+            continue;
         }
+        job *j = &w->ring[head % QUEUE_LEN];
+        int skip = atomic_load(&w->failed) || atomic_load(&w->abort);
+        int rc = 0;
+        if (!skip) rc = finish_regular(&w->c, j->sfd, j->dfd, &j->st, j->path.p);
+        close(j->sfd);
+        if (close(j->dfd) < 0 && !skip && rc == 0) rc = fail_errno(&w->c, errno, j->path.p, "closing");
+        if (rc < 0) atomic_store(&w->failed, 1);
+        atomic_store(&w->head, head + 1);
+        /* A full queue's producer sleeps until half of it is free. */
+        if ((atomic_load(&w->producer_waiting) &&
+             atomic_load(&w->tail) - (head + 1) <= QUEUE_LEN / 2) || rc < 0)
+            wake(w, &w->cv_space);
     }
-    pthread_mutex_unlock(&w->mu);
-    sb_free(&j.path);
     return NULL;
 }
 
@@ -477,18 +491,23 @@ static int worker_start(worker *w, int flags)
 /* Queue a file; takes ownership of both fds.  <0 when the content thread failed. */
 static int worker_push(worker *w, int sfd, int dfd, const struct stat *st, const char *path, size_t plen)
 {
-    pthread_mutex_lock(&w->mu);
-    while (w->count == QUEUE_LEN && !w->failed) pthread_cond_wait(&w->cv_space, &w->mu);
-    if (w->failed) {
+    size_t tail = atomic_load(&w->tail);
+    while (tail - atomic_load(&w->head) == QUEUE_LEN && !atomic_load(&w->failed)) {
+        pthread_mutex_lock(&w->mu);
+        atomic_store(&w->producer_waiting, 1);
+        while (tail - atomic_load(&w->head) > QUEUE_LEN / 2 && !atomic_load(&w->failed))
+            pthread_cond_wait(&w->cv_space, &w->mu);
+        atomic_store(&w->producer_waiting, 0);
         pthread_mutex_unlock(&w->mu);
+    }
+    if (atomic_load(&w->failed)) {
         close(sfd);
         close(dfd);
         return -1;
     }
-    job *slot = &w->ring[(w->head + w->count) % QUEUE_LEN];
+    job *slot = &w->ring[tail % QUEUE_LEN];
     slot->path.len = 0;
     if (sb_append(&slot->path, path, plen) < 0) {
-        pthread_mutex_unlock(&w->mu);
         close(sfd);
         close(dfd);
         return -ENOMEM;
@@ -496,27 +515,28 @@ static int worker_push(worker *w, int sfd, int dfd, const struct stat *st, const
     slot->sfd = sfd;
     slot->dfd = dfd;
     slot->st = *st;
-    w->count++;
-    pthread_cond_signal(&w->cv_work);
-    pthread_mutex_unlock(&w->mu);
+    atomic_store(&w->tail, tail + 1);
+    /* Wake an idle content thread once a few files are queued (or a big one):
+     * a wake-up per small file costs more than it saves. */
+    if (atomic_load(&w->consumer_waiting) &&
+        (tail + 1 - atomic_load(&w->head) >= WAKE_BATCH || st->st_size >= (1 << 20)))
+        wake(w, &w->cv_work);
     return 0;
 }
 
 /* Wait for the queued files; abort: skip their content.  Returns 0 or -1 (failed). */
 static int worker_stop(worker *w, int abort)
 {
-    pthread_mutex_lock(&w->mu);
-    w->stop = 1;
-    if (abort) w->abort = 1;
-    pthread_cond_signal(&w->cv_work);
-    pthread_mutex_unlock(&w->mu);
+    if (abort) atomic_store(&w->abort, 1);
+    atomic_store(&w->stop, 1);
+    wake(w, &w->cv_work);
     pthread_join(w->th, NULL);
     for (size_t i = 0; i < QUEUE_LEN; i++) sb_free(&w->ring[i].path);
     pthread_cond_destroy(&w->cv_space);
     pthread_cond_destroy(&w->cv_work);
     pthread_mutex_destroy(&w->mu);
     ctx_free(&w->c);
-    return w->failed ? -1 : 0;
+    return atomic_load(&w->failed) ? -1 : 0;
 }
 
 /* ------------------------------------------------------------ hardlink map */
