@@ -170,6 +170,7 @@ static int copy_range(cctx *c, int sfd, int dfd, int64_t off, int64_t len, const
 static int copy_data(cctx *c, int sfd, int dfd, const struct stat *st, const char *path)
 {
     int64_t size = st->st_size;
+    if (size == 0) return 0;
     if (c->reflink) {
         if (ioctl(dfd, FICLONE, sfd) == 0) {
             c->st.reflinked++;
@@ -178,7 +179,6 @@ static int copy_data(cctx *c, int sfd, int dfd, const struct stat *st, const cha
         }
         if (is_unsupported(errno)) c->reflink = 0;
     }
-    if (size == 0) return 0;
     if ((int64_t)st->st_blocks * 512 >= size) return copy_range(c, sfd, dfd, 0, size, path);
 
     /* Holes: copy the data segments only, then set the size for a trailing hole. */

@@ -1082,7 +1082,10 @@ static int citem_cmp(const void *x, const void *y)
         if (ka != kb) return ka < kb ? -1 : 1;
     }
     if (kal != kbl) return kal < kbl ? -1 : 1;
-    return a->kind - b->kind;
+    /* The same path deleted and written: the whiteout first (it is about the
+     * lower layers), then the new entry. */
+    int ra = a->kind == LFS_CHANGE_DELETE ? 0 : 1, rb = b->kind == LFS_CHANGE_DELETE ? 0 : 1;
+    return ra - rb;
 }
 
 /* Normalise a change path: drop leading "/" and "./", empty and "." components,

@@ -579,6 +579,14 @@ def test_changes(tmp_path):
     assert (out / "usr" / "bin" / "tool").read_bytes() == b"#!"
 
 
+def test_changes_replaced_path(tmp_path):
+    """A path both deleted and written (replaced in this layer): whiteout first."""
+    root = tmp_path / "root"
+    build_changed(root)
+    data = create(root, changes=[("etc/hosts", "path"), ("etc/hosts", "delete")])
+    assert names(data) == ["etc/", "etc/.wh.hosts", "etc/hosts"]
+
+
 def test_changes_overlay_source(tmp_path):
     root = tmp_path / "root"
     build_changed(root)
