@@ -384,8 +384,10 @@ class SideBySide:
             self.last[timed.name] = target
             return (target,), {}
 
+        load_before = os.getloadavg()[0]
         result = self.benchmark.pedantic(timed.run, setup=setup, rounds=rounds,
                                          warmup_rounds=warmup)
+        load_after = os.getloadavg()[0]
         self.last_result[timed.name] = result
         st = getattr(self.benchmark, "stats", None)     # None when benchmarks are disabled
         data = list(st.stats.data) if st is not None else []
@@ -397,6 +399,7 @@ class SideBySide:
         info["command"] = timed.command
         info["fs"] = self.fs.description
         info["rounds"] = rounds
+        info["loadavg"] = [round(load_before, 2), round(load_after, 2)]   # 1-min, before/after
         info["peers"] = []
         if timed is not layerfs:            # the timed peer, for the report
             info["peers"].append({"name": timed.name, "command": timed.command,

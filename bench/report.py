@@ -150,6 +150,16 @@ def notes(data: dict) -> List[str]:
     for name, cmd in cmds:
         if cmd:
             out.append(f"{name}: `{cmd}`")
+    starts = [b["extra_info"]["cli_startup_s"] for b in data.get("benchmarks", [])
+              if isinstance(b.get("extra_info", {}).get("cli_startup_s"), (int, float))]
+    if starts:
+        out.append(f"CLI start-up (`layerfs --help`, included in every CLI time): "
+                   f"{fmt_time(statistics.median(starts))}")
+    loads = [x for b in data.get("benchmarks", [])
+             for x in (b.get("extra_info", {}).get("loadavg") or [])]
+    if loads:
+        out.append(f"1-minute load average around the benchmarks: {min(loads):.1f} to "
+                   f"{max(loads):.1f}")
     rounds = {b.get("stats", {}).get("rounds") for b in data.get("benchmarks", [])} - {None}
     if rounds:
         out.append("medians of " + "/".join(str(r) for r in sorted(rounds))
@@ -177,7 +187,11 @@ def main(argv=None) -> int:
                                  description="Markdown table of a pytest-benchmark JSON file")
     ap.add_argument("json", type=Path, help="file written by --benchmark-json")
     args = ap.parse_args(argv)
-    data = json.loads(args.json.read_text())
+    text = args.json.read_text()
+    if not text.strip():
+        print(f"{args.json}: empty (no benchmark ran)", file=sys.stderr)
+        return 1
+    data = json.loads(text)
     sys.stdout.write(markdown(data))
     return 0
 

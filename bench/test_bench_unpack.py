@@ -60,10 +60,28 @@ def _need_apply_layer(peers_only: bool):
     return apply_layer
 
 
+def cli_startup(cli) -> float:
+    """Median wall time of ``layerfs --help`` (interpreter and import cost of every CLI run)."""
+    if "cli_startup" not in _probe:
+        import statistics
+        import time
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            subprocess.run(cli + ["--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ts.append(time.perf_counter() - t0)
+        _probe["cli_startup"] = round(statistics.median(ts), 4)
+    return float(_probe["cli_startup"])
+
+
 def _layerfs_cli(cli, layer: C.Layer) -> Contender:
     def run(dest: Path):
         return run_command(cli + ["unpack", "--json", layer.path, dest], stdout=subprocess.PIPE)
     return Contender("layerfs unpack", run, f"layerfs unpack --json {layer.path.name} DEST")
+
+
+def _cli_info(cli, peers_only: bool) -> dict:
+    return {} if peers_only else {"cli_startup_s": cli_startup(cli)}
 
 
 def _tar(layer: C.Layer, decompress: list, label: str, goal: float) -> Contender:
@@ -106,7 +124,8 @@ def test_cli_zstd_vs_tar(side_by_side, corpus, layerfs_cli, peers_only):
     side_by_side.run(
         _layerfs_cli(layerfs_cli, layer),
         [_tar(layer, ["-I", "zstd", "-x"], "tar -I zstd -xf", goal=1.0)],
-        corpus=corpus.name, layer=layer.path.name, layer_bytes=layer.size)
+        corpus=corpus.name, layer=layer.path.name, layer_bytes=layer.size,
+        **_cli_info(layerfs_cli, peers_only))
     _verify(side_by_side, corpus, layer, dict(side_by_side.last))
 
 
@@ -118,7 +137,8 @@ def test_cli_gzip_vs_tar(side_by_side, corpus, layerfs_cli, peers_only):
         _layerfs_cli(layerfs_cli, layer),
         [_tar(layer, ["-xz"], "tar -xzf", goal=1.0),
          _tar(layer, ["-I", "pigz", "-x"], "tar -I pigz -xf", goal=1.0)],
-        corpus=corpus.name, layer=layer.path.name, layer_bytes=layer.size)
+        corpus=corpus.name, layer=layer.path.name, layer_bytes=layer.size,
+        **_cli_info(layerfs_cli, peers_only))
     _verify(side_by_side, corpus, layer, dict(side_by_side.last))
 
 
@@ -187,7 +207,8 @@ def test_cli_vs_umoci(side_by_side, fresh_fs, corpus, layerfs_cli, peers_only):
         _layerfs_cli(layerfs_cli, layer), [peer],
         corpus=corpus.name, layer=layer.path.name, layer_bytes=layer.size,
         umoci=f"{_probe['umoci_version']}; "
-              + ("zstd layer" if ext == "zst" else "gzip layer: this umoci cannot unpack zstd"))
+              + ("zstd layer" if ext == "zst" else "gzip layer: this umoci cannot unpack zstd"),
+        **_cli_info(layerfs_cli, peers_only))
     roots = dict(side_by_side.last)
     roots["umoci unpack"] = roots["umoci unpack"] / "rootfs"
     _verify(side_by_side, corpus, layer, roots)
@@ -250,7 +271,8 @@ def test_cli_vs_skopeo(side_by_side, fresh_fs, corpus, layerfs_cli, peers_only):
     side_by_side.run(
         _layerfs_cli(layerfs_cli, layer), [peer],
         corpus=corpus.name, layer=layer.path.name, layer_bytes=layer.size,
-        skopeo=f"{_probe['skopeo_version']}; containers-storage driver {driver}")
+        skopeo=f"{_probe['skopeo_version']}; containers-storage driver {driver}",
+        **_cli_info(layerfs_cli, peers_only))
     roots = dict(side_by_side.last)
     roots["skopeo copy"] = _storage_layer_dir(roots["skopeo copy"], driver, layer.diff_id)
     _verify(side_by_side, corpus, layer, roots)
