@@ -749,7 +749,7 @@ static int tree_regular(tree *t, frame *f, const char *name, int sfd, const stru
     if (t->threaded && st->st_size > 0) {
         int rc = worker_push(&t->w, sfd, dfd, st, t->spath.p, t->spath.len);
         if (rc == -ENOMEM) return lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory");
-        return rc < 0 ? -EIO : 0;     /* the thread's error is reported at the end */
+        return rc < 0 ? -ECANCELED : 0;   /* the content thread failed: its error is reported */
     }
     int rc = finish_regular(&t->c, sfd, dfd, st, t->spath.p);
     close(sfd);
@@ -930,11 +930,10 @@ int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst
     s0 = d0 = -1;                 /* walk_copy closed them */
     if (t.threaded) {
         int wrc = worker_stop(&t.w, rc < 0);
-        if (rc == 0 && wrc < 0) {
+        /* The content thread's error, when the walk had none of its own or
+         * stopped because of it (-ECANCELED from worker_push). */
+        if (wrc < 0 && (rc == 0 || rc == -ECANCELED)) {
             if (err) *err = t.w.err;
-            rc = -(t.w.err.code ? t.w.err.code : EIO);
-        } else if (rc == -EIO && wrc < 0 && err) {
-            *err = t.w.err;       /* the walk stopped because the content thread failed */
             rc = -(t.w.err.code ? t.w.err.code : EIO);
         }
         t.c.st.bytes += t.w.c.st.bytes;
