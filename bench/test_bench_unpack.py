@@ -21,8 +21,11 @@ digest.
 from __future__ import annotations
 
 import os
+import stat
+import statistics
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -63,8 +66,6 @@ def _need_apply_layer(peers_only: bool):
 def cli_startup(cli) -> float:
     """Median wall time of ``layerfs --help`` (interpreter and import cost of every CLI run)."""
     if "cli_startup" not in _probe:
-        import statistics
-        import time
         ts = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -99,6 +100,32 @@ def _check_tree(root: Path, corpus: C.Corpus, who: str) -> None:
     assert not diff, f"{who}: tree at {root} differs from the corpus (got, want): {diff}"
 
 
+def _tree_meta(root: Path) -> Dict[str, tuple]:
+    """relative path -> (type, mode, uid, gid, size, mtime, link target, rdev) for every entry."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            fmt = stat.S_IFMT(st.st_mode)
+            out[os.path.relpath(p, root)] = (
+                fmt, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                st.st_size if fmt == stat.S_IFREG else None,
+                st.st_mtime_ns // 10**9 if fmt == stat.S_IFREG else None,
+                os.readlink(p) if fmt == stat.S_IFLNK else None,
+                st.st_rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else None)
+    return out
+
+
+def _check_tree_exact(root: Path, corpus: C.Corpus, who: str) -> None:
+    """Every entry of the corpus tree is there with the same type, mode, owner,
+    size, mtime (regular files), link target and device numbers; and nothing else."""
+    got, want = _tree_meta(root), _tree_meta(corpus.tree)
+    bad = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    assert not bad, f"{who}: {len(bad)} entries differ from the corpus, e.g. " + "; ".join(
+        f"{k}: got {got.get(k)} want {want.get(k)}" for k in bad[:5])
+
+
 def _check_digests(proc: Optional[subprocess.CompletedProcess], layer: C.Layer) -> None:
     if proc is None:
         return
@@ -111,6 +138,8 @@ def _verify(sbs, corpus: C.Corpus, layer: C.Layer, roots: Dict[str, Path]) -> No
     """Check every contender's last tree, and the digests layerfs printed."""
     for name, root in roots.items():
         _check_tree(root, corpus, name)
+        if name.startswith("layerfs"):
+            _check_tree_exact(root, corpus, name)
     if "layerfs unpack" in sbs.last_result:
         _check_digests(sbs.last_result["layerfs unpack"], layer)
 
