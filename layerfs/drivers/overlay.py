@@ -46,7 +46,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import threading
 from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..diff import compare_trees, with_parents
@@ -559,39 +558,44 @@ class OverlayDriver(DirectoryDriver):
         with self._temp_view(info.parent) as old, self._temp_view(info.id) as new:
             return [Change(c.path, c.kind) for c in with_parents(compare_trees(old, new))]
 
-    def _needs_change_list(self, info: LayerInfo) -> bool:
-        """Whether the upper dir holds fuse-overlayfs' AUFS-style markers, which a
-        whole-tree conversion would copy as they are; raises _Untrusted."""
-        has_markers = False
+    def _check_upper(self, info: LayerInfo) -> None:
+        """Raise _Untrusted if the upper dir holds a redirect or a metacopy file."""
         redirect = self._xattr_prefix + "redirect"
         metacopy = self._xattr_prefix + "metacopy"
         for dirpath, dirnames, filenames in os.walk(os.fsencode(self.diff_dir(info.id))):
             for n in dirnames + filenames:
-                if n.startswith(_WH):
-                    has_markers = True
                 try:
                     xn = os.listxattr(dirpath + b"/" + n, follow_symlinks=False)
                 except OSError:
                     continue
                 if redirect in xn or metacopy in xn:
                     raise _Untrusted(os.fsdecode(n))
-        return has_markers
 
     def _diff_stream(self, info: LayerInfo) -> BinaryIO:
-        ux = bool(self.options.get("userxattr"))
         if self._upper_trusted(info):
             try:
-                if not self._needs_change_list(info):
-                    return tar_stream_of(self.diff_dir(info.id), source_format="overlay",
-                                         overlay_user_xattr=ux)
-                changes = []
-                for rel, kind in self._walk_upper(info):
-                    changes.append((os.fsdecode(rel),
-                                    {"added": "path", "modified": "path"}.get(kind, kind)))
-                return tar_stream_of(self.diff_dir(info.id), changes=changes)
+                if info.rw and self.options.get("mount_program"):
+                    # fuse-overlayfs leaves its own markers and user.fuseoverlayfs.*
+                    # xattrs in the upper dir: list the changes from the upper dir,
+                    # read the entries through a view, which hides them
+                    changes = [(os.fsdecode(rel), kind) for rel, kind in self._walk_upper(info)]
+                    return self._stream_from_view(info, changes)
+                if info.rw:
+                    self._check_upper(info)
+                return tar_stream_of(self.diff_dir(info.id), source_format="overlay",
+                                     overlay_user_xattr=bool(self.options.get("userxattr")))
             except _Untrusted:
                 pass
         return self._naive_diff_stream(info)
+
+    def _stream_from_view(self, info: LayerInfo, changes) -> BinaryIO:
+        views = contextlib.ExitStack()
+        try:
+            new = views.enter_context(self._temp_view(info.id))
+            return tar_stream_of(new, changes=changes, on_done=views.close)
+        except BaseException:
+            views.close()
+            raise
 
     def _naive_diff_stream(self, info: LayerInfo) -> BinaryIO:
         views = contextlib.ExitStack()
@@ -599,12 +603,7 @@ class OverlayDriver(DirectoryDriver):
             old = views.enter_context(self._temp_view(info.parent))
             new = views.enter_context(self._temp_view(info.id))
             changes = [(c.path, c.kind) for c in with_parents(compare_trees(old, new))]
-            lock = threading.Lock()
-
-            def done():
-                with lock:
-                    views.close()
-            return tar_stream_of(new, changes=changes, on_done=done)
+            return tar_stream_of(new, changes=changes, on_done=views.close)
         except BaseException:
             views.close()
             raise

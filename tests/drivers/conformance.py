@@ -387,6 +387,192 @@ def _contents(prev: Dict[bytes, bytes], layer: Sequence[Entry]) -> Dict[bytes, b
     return out
 
 
+# ----------------------------------------------------------------- writes through a mount
+
+RW_OPS = ["write", "write", "overwrite", "chmod", "chown", "xattr", "unlink", "rmtree", "mkdir",
+          "symlink", "link", "dir_to_file", "recreate_dir", "file_to_dir"]
+
+
+def _node(kind: str, mode: int, uid: int, gid: int, mtime_ns, data: bytes = b"",
+          target: bytes = b"", xattrs=None) -> dict:
+    import hashlib
+    return {"type": kind, "mode": mode, "uid": uid, "gid": gid,
+            "size": len(data) if kind == "f" else None,
+            "sha256": hashlib.sha256(data).hexdigest() if kind == "f" else None,
+            "target": target if kind == "l" else None, "rdev": None,
+            "xattrs": dict(xattrs or {}), "mtime_ns": None if kind == "l" else mtime_ns,
+            "link": None}
+
+
+class RwGen:
+    """Random changes made with plain file system calls through a writable
+    layer's mount, mirrored in a model tree (the expected view)."""
+
+    def __init__(self, draw, mnt: str, tree: dict):
+        self.draw, self.m = draw, os.fsencode(mnt)
+        self.tree = dict(tree)
+        # paths sharing an inode: their attributes change together, so leave them be
+        self.linked: Set[bytes] = {p for p, n in snapshot(mnt).items() if n["link"] is not None}
+
+    def full(self, p: bytes) -> bytes:
+        return self.m + b"/" + p
+
+    def pick(self, types: str, plain: bool = False) -> Optional[bytes]:
+        c = sorted(p for p, n in self.tree.items() if n["type"] in types and
+                   not (plain and p in self.linked))
+        return self.draw(st.sampled_from(c)) if c else None
+
+    def new_path(self) -> Optional[bytes]:
+        dirs = [b""] + sorted(p for p, n in self.tree.items() if n["type"] == "d")
+        parent = self.draw(st.sampled_from(dirs))
+        p = (parent + b"/" if parent else b"") + self.draw(st.sampled_from(NAMES))
+        return None if p in self.tree else p
+
+    def mtime(self) -> int:
+        return (1_650_000_000 + self.draw(st.integers(0, 1000))) * 10**9 + \
+            self.draw(st.sampled_from([0, 250_000_000]))
+
+    def remove(self, p: bytes) -> None:
+        for q in [q for q in self.tree if _under(q, p)]:
+            del self.tree[q]
+            self.linked.discard(q)
+
+    def write(self, p: bytes) -> None:
+        data = self.draw(st.binary(max_size=40))
+        mode = self.draw(st.sampled_from(FILE_MODES))
+        uid, gid = self.draw(st.sampled_from(IDS)), self.draw(st.sampled_from(IDS))
+        t = self.mtime()
+        f = self.full(p)
+        with open(f, "wb") as fh:
+            fh.write(data)
+        os.chown(f, uid, gid)
+        os.chmod(f, mode)
+        os.utime(f, ns=(t, t))
+        self.tree[p] = _node("f", mode, uid, gid, t, data)
+
+    def mkdir(self, p: bytes) -> None:
+        mode = self.draw(st.sampled_from(DIR_MODES))
+        os.mkdir(self.full(p))
+        os.chmod(self.full(p), mode)
+        self.tree[p] = _node("d", mode, 0, 0, None)
+
+    def op(self, kind: str) -> None:
+        tree = self.tree
+        if kind == "write":
+            p = self.new_path()
+            if p is not None:
+                self.write(p)
+        elif kind == "overwrite":
+            p = self.pick("f", plain=True)
+            if p is not None:
+                n = tree[p]
+                data = self.draw(st.binary(min_size=1, max_size=40))
+                t = self.mtime()
+                with open(self.full(p), "r+b") as fh:
+                    fh.truncate(0)
+                    fh.write(data)
+                os.utime(self.full(p), ns=(t, t))
+                tree[p] = _node("f", n["mode"], n["uid"], n["gid"], t, data, xattrs=n["xattrs"])
+        elif kind == "chmod":
+            p = self.pick("fd", plain=True)
+            if p is not None:
+                n = dict(tree[p])
+                n["mode"] = self.draw(st.sampled_from(DIR_MODES if n["type"] == "d"
+                                                      else FILE_MODES))
+                os.chmod(self.full(p), n["mode"])
+                tree[p] = n
+        elif kind == "chown":
+            p = self.pick("fdl", plain=True)
+            if p is not None:
+                n = dict(tree[p])
+                n["uid"], n["gid"] = self.draw(st.sampled_from(IDS)), self.draw(st.sampled_from(IDS))
+                os.lchown(self.full(p), n["uid"], n["gid"])
+                if n["type"] == "f":
+                    os.chmod(self.full(p), n["mode"])  # chown may clear set-id bits
+                tree[p] = n
+        elif kind == "xattr":
+            p = self.pick("fd", plain=True)
+            if p is not None:
+                n = dict(tree[p])
+                k = self.draw(st.sampled_from(["user.k1", "user.k2"]))
+                v = self.draw(st.binary(min_size=1, max_size=8))
+                os.setxattr(self.full(p), k, v, follow_symlinks=False)
+                n["xattrs"] = {**n["xattrs"], k: v}
+                tree[p] = n
+        elif kind == "unlink":
+            p = self.pick("fl")
+            if p is not None:
+                os.unlink(self.full(p))
+                self.remove(p)
+        elif kind == "rmtree":
+            p = self.pick("d")
+            if p is not None:
+                from layerfs.drivers.base import remove_tree
+                remove_tree(os.fsdecode(self.full(p)))
+                self.remove(p)
+        elif kind == "mkdir":
+            p = self.new_path()
+            if p is not None:
+                self.mkdir(p)
+        elif kind == "symlink":
+            p = self.new_path()
+            if p is not None:
+                target = self.draw(st.sampled_from(LINK_TARGETS))
+                uid = self.draw(st.sampled_from(IDS))
+                os.symlink(target, self.full(p))
+                os.lchown(self.full(p), uid, 0)
+                tree[p] = _node("l", 0o777, uid, 0, None, target=target)
+        elif kind == "link":
+            src = self.pick("f")
+            p = self.new_path()
+            if src is not None and p is not None:
+                os.link(self.full(src), self.full(p))
+                tree[p] = dict(tree[src])
+                self.linked.update((src, p))
+        elif kind == "dir_to_file":
+            p = self.pick("d")
+            if p is not None:
+                from layerfs.drivers.base import remove_tree
+                remove_tree(os.fsdecode(self.full(p)))
+                self.remove(p)
+                self.write(p)
+        elif kind == "recreate_dir":
+            p = self.pick("d")
+            if p is not None:
+                from layerfs.drivers.base import remove_tree
+                xattrs = tree[p]["xattrs"]
+                remove_tree(os.fsdecode(self.full(p)))
+                self.remove(p)
+                self.mkdir(p)
+                # A layer tar cannot take an xattr away from a directory that stays
+                # a directory (appliers merge directory entries): keep them.
+                for k, v in xattrs.items():
+                    os.setxattr(self.full(p), k, v)
+                self.tree[p]["xattrs"] = dict(xattrs)
+                self.write(p + b"/" + self.draw(st.sampled_from(NAMES)))
+        elif kind == "file_to_dir":
+            p = self.pick("fl")
+            if p is not None:
+                os.unlink(self.full(p))
+                self.remove(p)
+                self.mkdir(p)
+
+
+def expected_changes(old: dict, new: dict):
+    """(added, deleted, modified non-directories) between two model trees, as
+    compare_trees reports them (a deleted directory is one path)."""
+    def parent_kept(p):
+        q = _parent(p)
+        return q == b"" or (q in new and new[q]["type"] == "d" and old[q]["type"] == "d")
+    added = {p for p in new if p not in old}
+    deleted = {p for p in old if p not in new and parent_kept(p)}
+    keys = ("type", "mode", "uid", "gid", "size", "sha256", "target", "xattrs", "mtime_ns")
+    modified = {p for p in new if p in old and new[p]["type"] != "d" and
+                any(old[p].get(k) != new[p].get(k) for k in keys)}
+    fmt = lambda s: {"/" + os.fsdecode(p) for p in s}  # noqa: E731
+    return fmt(added), fmt(deleted), fmt(modified)
+
+
 # ----------------------------------------------------------------- the suite
 
 class Conformance:
@@ -704,6 +890,38 @@ class Conformance:
                 other = self.other_driver(make_driver, d.name) if \
                     data.draw(st.booleans(), label="cross-driver") else None
                 self.check_diffs_reapply(d, ids, expected_view(trees[-1]), tmp, other)
+            finally:
+                d.cleanup()
+        run()
+
+    def test_writes_through_mount_vs_model(self, make_driver, tmp_path_factory):
+        @settings(max_examples=self.MAX_EXAMPLES, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                         HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(data=st.data())
+        def run(data):
+            layers, trees = draw_stack(data, max_layers=2)
+            d = make_driver()
+            tmp = tmp_path_factory.mktemp("rw")
+            try:
+                ids = build_stack(d, layers)
+                d.create_rw("ctr", ids[-1])
+                base = expected_view(trees[-1])
+                with Mounted(d, "ctr") as m:
+                    gen = RwGen(data.draw, m, base)
+                    for k in data.draw(st.lists(st.sampled_from(RW_OPS), min_size=1,
+                                                max_size=10), label="rw ops"):
+                        gen.op(k)
+                    assert_same_tree(gen.tree, view_of(m), "view after the writes")
+                expected = gen.tree
+                with Mounted(d, "ctr") as m:
+                    assert_same_tree(expected, view_of(m), "view after a remount")
+                added, deleted, modified = expected_changes(base, expected)
+                got = d.changes("ctr")
+                assert {c.path for c in got if c.kind == "added"} == added
+                assert {c.path for c in got if c.kind == "deleted"} == deleted
+                assert modified <= {c.path for c in got if c.kind == "modified"}
+                self.check_diffs_reapply(d, ids + ["ctr"], expected, tmp)
             finally:
                 d.cleanup()
         run()
