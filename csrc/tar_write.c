@@ -6,8 +6,10 @@
  * sorted byte-wise by name, a directory before its children.  Headers are
  * ustar; a PAX extended header precedes an entry only when something does not
  * fit ustar (long names/links, big ids or sizes, sub-second or out-of-range
- * mtimes, xattrs, sparse maps).  Numeric owners only.  The stream ends with
- * two zero blocks and no further record padding (as Go's archive/tar).
+ * mtimes, xattrs, sparse maps).  Numeric owners only.  A non-directory with
+ * more links than one, seen before in this archive, becomes a hardlink entry.
+ * The stream ends with two zero blocks and no further record padding (as Go's
+ * archive/tar).
  *
  * The output goes through an lfs_sink (compression, digests, the fd).  File
  * content is read with large reads straight into the output buffer.
@@ -895,6 +897,18 @@ static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flag
         return 0;                 /* sockets are not archived */
     default:
         return tw_fail(t, EINVAL, path->p, "%s", "unknown file type");
+    }
+    /* Hardlinked symlinks, devices and fifos too (as Docker does). */
+    if (st.st_nlink > 1) {
+        const char *first = hl_find(&t->links, st.st_dev, st.st_ino);
+        if (first) {
+            e.type = LFS_T_LINK;
+            e.link = first;
+            e.linklen = strlen(first);
+            e.major = e.minor = 0;
+        } else if (hl_add(&t->links, st.st_dev, st.st_ino, path->p) < 0) {
+            return tw_fail(t, ENOMEM, path->p, "%s", "out of memory");
+        }
     }
     rc = write_header(t, &e);
     if (rc == -ENOMEM) rc = tw_fail(t, ENOMEM, path->p, "%s", "out of memory");

@@ -431,6 +431,35 @@ def test_hardlinks_first_name_in_order(tmp_path):
     assert by["single"].isreg()
 
 
+def test_hardlinked_symlinks_devices_fifos(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink("t", src / "s1")
+    os.link(src / "s1", src / "s2", follow_symlinks=False)
+    os.mkfifo(src / "p1")
+    os.link(src / "p1", src / "p2")
+    os.mknod(src / "c1", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.link(src / "c1", src / "c2")
+    ms = {m.name: m for m in members(create(src))}
+    assert ms["s1"].issym() and ms["p1"].isfifo() and ms["c1"].ischr()
+    for a, b in (("s1", "s2"), ("p1", "p2"), ("c1", "c2")):
+        assert ms[b].islnk() and ms[b].linkname == a
+    out = tmp_path / "out"
+    gnu_extract(tmp_path / "src.tar", out)
+    assert_same_tree(snapshot(src), snapshot(out))
+
+
+def test_overlay_hardlinked_whiteouts_stay_whiteouts(tmp_path):
+    """overlayfs may make whiteouts as links of one shared inode."""
+    up = tmp_path / "upper"
+    up.mkdir()
+    os.mknod(up / "w1", stat.S_IFCHR, os.makedev(0, 0))
+    os.link(up / "w1", up / "w2")
+    ms = members(create(up, source="overlay"))
+    assert [(m.name, m.type) for m in ms] == [(".wh.w1", tarfile.REGTYPE),
+                                             (".wh.w2", tarfile.REGTYPE)]
+
+
 # ---------------------------------------------------------------- sparse
 
 def make_sparse(p: Path, size: int, data_at=(), chunk=b"D" * 4096) -> None:
