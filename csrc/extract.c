@@ -833,10 +833,18 @@ static int meta_dir(ctx *c, const lfs_entry *e, int fd, const char *path, size_t
     return add_dtime(c, e, path, len);
 }
 
+static int set_opaque(ctx *c, int fd, const char *path)
+{
+    const char *xn = c->o->overlay_user_xattr ? "user.overlay.opaque" : "trusted.overlay.opaque";
+    if (fsetxattr(fd, xn, "y", 1, 0) < 0)
+        return efail(c, errno, path, "cannot set %s on the opaque directory", xn);
+    return 0;
+}
+
 static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const char *path,
                   size_t len, uint32_t uid, uint32_t gid)
 {
-    int fd = -1;
+    int fd = -1, replaced = 0;
     if (mkdirat(pfd, base, 0700) < 0) {
         if (errno != EEXIST) return efail(c, errno, path, "cannot create directory");
         fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
@@ -844,6 +852,7 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
             if (errno != ENOTDIR && errno != ELOOP)
                 return efail(c, errno, path, "cannot open the existing directory");
             /* a non-directory (or symlink) is there: replace it */
+            replaced = 1;
             chain_changed(c);
             if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
                 return efail(c, errno, path, "cannot remove the existing entry");
@@ -855,6 +864,10 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
         if (fd < 0) return efail(c, errno, path, "cannot open the new directory");
     }
     int r = meta_dir(c, e, fd, path, len, uid, gid);
+    /* Overlay: the non-directory this replaces (a whiteout device, or any entry) hid
+     * the lower directory of that name; the new directory must go on hiding it. */
+    if (r == 0 && replaced && c->o->whiteouts == LFS_WH_OVERLAY)
+        r = set_opaque(c, fd, path);
     if (r < 0) {
         close(fd);
         return r;
@@ -991,31 +1004,66 @@ out:
     return rc;
 }
 
+/* Open pfd/base as a directory without following it; in overlay mode a missing
+ * one is made, and a non-directory this layer did not write is replaced.
+ * Returns the fd, -ENOENT/-ENOTDIR when there is no such directory, or an error. */
+static int open_target_dir(ctx *c, int pfd, const char *base, const char *path, size_t len, int make)
+{
+    int fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
+    if (fd >= 0) return fd;
+    int er = errno;
+    if (er == ELOOP) er = ENOTDIR;
+    if (er != ENOENT && er != ENOTDIR) return efail(c, er, path, "cannot open directory");
+    if (!make || (er == ENOTDIR && (pset_get(c, path, len) & PS_WRITTEN))) return -er;
+    if (er == ENOTDIR) {
+        chain_changed(c);
+        if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
+            return efail(c, errno, path, "cannot remove the existing entry");
+    }
+    if (mkdirat(pfd, base, 0700) < 0 && errno != EEXIST) return efail(c, errno, path, "cannot create directory");
+    fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
+    if (fd < 0) return efail(c, errno, path, "cannot open the new directory");
+    int r = fix_new_dir(c, fd);
+    if (r < 0) {
+        close(fd);
+        return efail(c, -r, path, "cannot set owner/mode of new directory");
+    }
+    return fd;
+}
+
+/* Opaque marker for the directory c->name[0..dl). */
+static int do_opaque(ctx *c, size_t dl)
+{
+    int ov = c->o->whiteouts == LFS_WH_OVERLAY;
+    c->res->whiteouts++;
+    char *d = arena_dup(&c->arena, c->name, dl);
+    if (!d) return efail(c, ENOMEM, c->name, "out of memory");
+    int fd = c->root_fd;
+    if (dl) {
+        size_t pl = parent_len(d, dl);
+        int pfd = dir_fd(c, d, pl, ov);
+        if (pfd < 0) return !ov && (pfd == -ENOENT || pfd == -ENOTDIR) ? 0 : pfd;
+        fd = open_target_dir(c, pfd, d + (pl ? pl + 1 : 0), d, dl, ov);
+        if (fd == -ENOENT || fd == -ENOTDIR) return 0;  /* no directory there to hide anything in */
+        if (fd < 0) return fd;
+    }
+    int r = ov ? set_opaque(c, fd, dl ? d : "/") : prune(c, fd, d, dl);
+    if (fd != c->root_fd) close(fd);
+    if (r < 0) return r;
+    return dl ? pset_add(c, d, dl, PS_ANCESTOR) : 0;
+}
+
 /* A whiteout entry: base starts with ".wh."; the parent is c->name[0..plen). */
-static int do_whiteout(ctx *c, const lfs_entry *e, size_t plen, const char *base)
+static int do_whiteout(ctx *c, size_t plen, const char *base)
 {
     const char *path = c->name;
-    if (strcmp(base, OPAQUE) == 0) {
-        c->res->whiteouts++;
-        int dfd = dir_fd(c, c->name, plen, c->o->whiteouts == LFS_WH_OVERLAY);
-        if (c->o->whiteouts == LFS_WH_OVERLAY) {
-            if (dfd < 0) return dfd;
-            const char *xn = c->o->overlay_user_xattr ? "user.overlay.opaque" : "trusted.overlay.opaque";
-            if (fsetxattr(dfd, xn, "y", 1, 0) < 0)
-                return efail(c, errno, path, "cannot set %s on the opaque directory", xn);
-        } else {
-            if (dfd == -ENOENT || dfd == -ENOTDIR) return 0;   /* nothing below to hide */
-            if (dfd < 0) return dfd;
-            int r = prune(c, dfd, c->name, plen);
-            if (r < 0) return r;
-        }
-        return plen ? pset_add(c, c->name, plen, PS_ANCESTOR) : 0;
-    }
+    if (strcmp(base, OPAQUE) == 0) return do_opaque(c, plen);
     if (has_prefix(base, WH_META)) return 0;     /* AUFS metadata (.wh..wh.plnk, ...) */
     const char *target = base + sizeof WH - 1;
     if (!*target || strcmp(target, ".") == 0 || strcmp(target, "..") == 0)
         return efail(c, EINVAL, path, "invalid whiteout name '%s'", base);
     c->res->whiteouts++;
+    int ov = c->o->whiteouts == LFS_WH_OVERLAY;
 
     size_t tl = strlen(target), wl = 0;
     if (plen) {
@@ -1025,41 +1073,41 @@ static int do_whiteout(ctx *c, const lfs_entry *e, size_t plen, const char *base
     }
     memcpy(c->wpath + wl, target, tl + 1);
     wl += tl;
-    unsigned flags = pset_get(c, c->wpath, wl);
+    unsigned flags = pset_get(c, c->wpath, wl) & (PS_WRITTEN | PS_ANCESTOR);
 
-    if (c->o->whiteouts == LFS_WH_OVERLAY) {
-        if (flags) return 0;                     /* this layer's own entry stays */
-        int pfd = dir_fd(c, c->name, plen, 1);
-        if (pfd < 0) return pfd;
-        for (int tries = 0;; tries++) {
-            if (mknodat(pfd, target, S_IFCHR, makedev(0, 0)) == 0) break;
-            if (errno != EEXIST || tries > 0)
-                return efail(c, errno, c->wpath, "cannot create whiteout device");
-            int r = replace(c, pfd, target, c->wpath);
-            if (r < 0) return r;
-        }
-        if (c->new_uid != NO_ID && fchownat(pfd, target, c->new_uid, c->new_gid, AT_SYMLINK_NOFOLLOW) < 0)
-            return efail(c, errno, c->wpath, "cannot change owner of whiteout device");
-        return 0;
-    }
-
-    /* apply */
-    if (flags & PS_WRITTEN) return 0;
-    int pfd = dir_fd(c, c->name, plen, 0);
-    if (pfd == -ENOENT || pfd == -ENOTDIR) return 0;
+    int pfd = dir_fd(c, c->name, plen, ov);
+    if (!ov && (pfd == -ENOENT || pfd == -ENOTDIR)) return 0;    /* nothing below to hide */
     if (pfd < 0) return pfd;
-    if (flags & PS_ANCESTOR) {                   /* holds this layer's content: prune it */
-        size_t keep = wl;
-        char *copy = arena_dup(&c->arena, c->wpath, keep);
-        if (!copy) return efail(c, ENOMEM, path, "out of memory");
-        int dfd = dir_fd(c, copy, keep, 0);
-        if (dfd == -ENOENT || dfd == -ENOTDIR) return 0;
-        if (dfd < 0) return dfd;
-        return prune(c, dfd, copy, keep);
+
+    if (flags) {
+        /* This layer wrote the path or something beneath it: what it wrote stays,
+         * only lower content goes, as if the whiteout had come first. */
+        int fd = open_target_dir(c, pfd, target, c->wpath, wl, 0);
+        if (fd >= 0) {
+            char *t = arena_dup(&c->arena, c->wpath, wl);
+            int r = !t ? efail(c, ENOMEM, path, "out of memory")
+                       : ov ? set_opaque(c, fd, t) : prune(c, fd, t, wl);
+            close(fd);
+            return r;
+        }
+        if (fd != -ENOENT && fd != -ENOTDIR) return fd;
+        if (flags & PS_WRITTEN) return 0;        /* this layer's own non-directory */
     }
-    chain_changed(c);
-    int r = lfs_remove_at(pfd, target, c->err);
-    return r < 0 ? ectx(c, r) : 0;
+    if (!ov) {
+        chain_changed(c);
+        int r = lfs_remove_at(pfd, target, c->err);
+        return r < 0 ? ectx(c, r) : 0;
+    }
+    for (int tries = 0;; tries++) {
+        if (mknodat(pfd, target, S_IFCHR, makedev(0, 0)) == 0) break;
+        if (errno != EEXIST || tries > 0)
+            return efail(c, errno, c->wpath, "cannot create whiteout device");
+        int r = replace(c, pfd, target, c->wpath);
+        if (r < 0) return r;
+    }
+    if (c->new_uid != NO_ID && fchownat(pfd, target, c->new_uid, c->new_gid, AT_SYMLINK_NOFOLLOW) < 0)
+        return efail(c, errno, c->wpath, "cannot change owner of whiteout device");
+    return 0;
 }
 
 /* ---- one entry ---- */
@@ -1087,7 +1135,7 @@ static int do_entry(ctx *c, const lfs_entry *e)
             }
             i += cl + 1;
         }
-        if (len && has_prefix(base, WH)) return do_whiteout(c, e, plen, base);
+        if (len && has_prefix(base, WH)) return do_whiteout(c, plen, base);
     } else if (len && has_prefix(base, WH) && (!has_prefix(base, WH_META) || strcmp(base, OPAQUE) == 0)) {
         c->res->whiteouts++;
     }

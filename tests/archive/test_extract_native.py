@@ -461,6 +461,37 @@ def test_apply_same_layer_whiteouts(root):
     assert sorted(os.listdir(root / "b/deep")) == ["mine"]
 
 
+@pytest.mark.parametrize("order", ["whiteout-first", "whiteout-last"])
+@pytest.mark.parametrize("mode", ["apply", "overlay"])
+def test_whiteout_of_same_layer_dir_hides_only_lower_content(tmp_path, order, mode):
+    """Same result whichever comes first: the layer's directory and its content,
+    nothing from below (apply: lower entries removed; overlay: opaque)."""
+    root = tmp_path / "root"
+    apply(root, layer(ti("b", tarfile.DIRTYPE), ti("b/lower", data=b"l"), ti("f", data=b"old")))
+    wh = [ti(".wh.b"), ti(".wh.f")]
+    mine = [ti("b", tarfile.DIRTYPE), ti("b/y", data=b"y"), ti("f", data=b"new")]
+    apply(root, layer(*(wh + mine if order == "whiteout-first" else mine + wh)), whiteouts=mode)
+    assert (root / "f").read_bytes() == b"new"
+    assert (root / "b/y").read_bytes() == b"y"
+    if mode == "apply":
+        assert sorted(os.listdir(root / "b")) == ["y"]
+    else:
+        assert os.getxattr(root / "b", "trusted.overlay.opaque") == b"y"
+
+
+def test_whiteout_and_opaque_never_follow_a_lower_symlink(root):
+    apply(root, layer(ti("usr/lib", tarfile.DIRTYPE), ti("usr/lib/keep", data=b"k"),
+                      ti("lib", tarfile.SYMTYPE, linkname="usr/lib"),
+                      ti("lib2", tarfile.SYMTYPE, linkname="/usr/lib")))
+    apply(root, layer(
+        ti("lib/.wh..wh..opq"), ti("lib", tarfile.DIRTYPE), ti("lib/new", data=b"n"),   # marker first
+        ti("lib2/x", data=b"x"), ti(".wh.lib2"),           # wrote through it, then whited it out
+    ))
+    assert sorted(os.listdir(root / "usr/lib")) == ["keep", "x"]
+    assert not (root / "lib").is_symlink() and os.listdir(root / "lib") == ["new"]
+    assert not os.path.lexists(root / "lib2")
+
+
 def test_aufs_metadata_skipped(root):
     res = apply(root, layer(
         ti(".wh..wh.plnk", tarfile.DIRTYPE), ti(".wh..wh.plnk/1234.5678", data=b"x"),
