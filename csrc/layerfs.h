@@ -179,4 +179,33 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
              lfs_digests *out, lfs_error *err);
 
 int lfs_has_openat2(void);
+
+/* ---- union filesystem (csrc/union.c; FUSE, libfuse3 low-level API) ----
+ * AUFS-format layer directories (whiteouts are .wh.NAME files, opaque
+ * directories hold .wh..wh..opq) served as one merged tree on a mount point. */
+
+typedef struct lfs_union_opts {
+    int writable;                 /* layers[0] is the writable branch (copy-up target) */
+    const char *workdir;          /* writable: directory on layers[0]'s filesystem for copy-up
+                                     temporaries, emptied at start; NULL: temporaries go beside
+                                     their target under .wh..wh. names (never visible) */
+    int daemonize;                /* fork once the mount is up: the caller gets 0 at once and
+                                     the child serves until the mount goes away */
+    int debug;                    /* libfuse request trace on stderr (foreground only) */
+    double entry_timeout;         /* seconds the kernel may cache names; < 0: default
+                                     (read-only: 86400, writable: 1) */
+    double attr_timeout;          /* seconds the kernel may cache attributes; < 0: as above */
+    unsigned max_threads;         /* request threads; 0: default (8) */
+    const char *fsname;           /* mount source shown in mountinfo; NULL: "layerfs" */
+} lfs_union_opts;
+
+/* Mount the union of layers (top first) on mountpoint and serve it until it is
+ * unmounted (umount, fusermount3 -u) or the process gets SIGTERM/SIGINT/SIGHUP.
+ * ready_fd (or -1) receives one line: "ok PID\n" once the kernel has the mount
+ * working (PID: the serving process), or "error ERRNO MESSAGE\n" if it failed;
+ * then it is closed.  With opts->daemonize the caller returns 0 as soon as the
+ * serving child is forked; errors found before that are returned (and written). */
+int lfs_union_serve(const char *mountpoint, const char *const *layers, size_t nlayers,
+                    const lfs_union_opts *opts, int ready_fd, lfs_error *err);
+/* ---- end of union filesystem ---- */
 #endif

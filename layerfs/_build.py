@@ -43,12 +43,24 @@ if _sanitize:
     _cflags += [f"-fsanitize={_sanitize}", "-fno-omit-frame-pointer", "-g", "-O1"]
     _ldflags += [f"-fsanitize={_sanitize}"]
 
+
+def _pkg_include_dirs(pkg: str, default):
+    """Include directories of a pkg-config package (the default when pkg-config is missing)."""
+    import shutil
+    import subprocess
+    if shutil.which("pkg-config"):
+        p = subprocess.run(["pkg-config", "--cflags-only-I", pkg], capture_output=True, text=True)
+        if p.returncode == 0:
+            return [f[2:] for f in p.stdout.split() if f.startswith("-I")]
+    return list(default)
+
+
 ffibuilder.set_source(
     "layerfs._core",
     '#include "layerfs.h"\n',
     sources=_sources(),
-    include_dirs=[str(CSRC)],
-    libraries=["crypto", "z", "zstd", "isal"],
+    include_dirs=[str(CSRC)] + _pkg_include_dirs("fuse3", ["/usr/include/fuse3"]),
+    libraries=["crypto", "z", "zstd", "isal", "fuse3"],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
 )
