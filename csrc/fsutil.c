@@ -311,17 +311,19 @@ static int rm_open_dir(int dirfd, const char *name)
     return fd < 0 ? -errno : fd;
 }
 
-static int rm_unlink(int dirfd, const char *name, int flags)
+/* unlinkat; inside the tree being removed (fix != 0) EACCES is retried once after
+ * giving the containing directory u+rwx (never the caller's directory). */
+static int rm_unlink(int dirfd, const char *name, int flags, int fix)
 {
     if (unlinkat(dirfd, name, flags) == 0) return 0;
-    if (errno == EACCES && fchmod(dirfd, S_IRWXU) == 0 && unlinkat(dirfd, name, flags) == 0)
+    if (fix && errno == EACCES && fchmod(dirfd, S_IRWXU) == 0 && unlinkat(dirfd, name, flags) == 0)
         return 0;
     return -errno;
 }
 
 int lfs_remove_at(int top_fd, const char *name, lfs_error *err)
 {
-    int r = rm_unlink(top_fd, name, 0);
+    int r = rm_unlink(top_fd, name, 0, 0);
     if (r == 0 || r == -ENOENT) return 0;
     if (r != -EISDIR && r != -EPERM)
         return lfs_fail(err, -r, -1, name, NULL, "cannot remove '%s'", name);
@@ -348,7 +350,7 @@ int lfs_remove_at(int top_fd, const char *name, lfs_error *err)
             if (dn[0] == '.' && (dn[1] == 0 || (dn[1] == '.' && dn[2] == 0))) continue;
             int pfd = dirfd(f->d);
             if (de->d_type != DT_DIR) {
-                r = rm_unlink(pfd, dn, 0);
+                r = rm_unlink(pfd, dn, 0, 1);
                 if (r == 0) { f->removed = 1; continue; }
                 if (r == -ENOENT) continue;
                 if (r != -EISDIR && r != -EPERM) {
@@ -360,7 +362,7 @@ int lfs_remove_at(int top_fd, const char *name, lfs_error *err)
             if (cfd < 0) {
                 if (cfd == -ENOENT) continue;
                 if (cfd == -ENOTDIR || cfd == -ELOOP) {   /* not a directory after all */
-                    r = rm_unlink(pfd, dn, 0);
+                    r = rm_unlink(pfd, dn, 0, 1);
                     if (r == 0 || r == -ENOENT) { f->removed = 1; continue; }
                     rc = lfs_fail(err, -r, -1, name, NULL, "cannot remove '%s'", dn);
                     goto out;
@@ -384,7 +386,7 @@ int lfs_remove_at(int top_fd, const char *name, lfs_error *err)
             closedir(f->d);
             f->d = NULL;
             s.depth = 0;
-            r = rm_unlink(top_fd, name, AT_REMOVEDIR);
+            r = rm_unlink(top_fd, name, AT_REMOVEDIR, 0);
             if (r < 0 && r != -ENOENT) rc = lfs_fail(err, -r, -1, name, NULL, "cannot remove directory '%s'", name);
             goto out;
         }
@@ -409,7 +411,7 @@ int lfs_remove_at(int top_fd, const char *name, lfs_error *err)
         f->d = NULL;
         s.depth--;
         s.nlen = f->name_off;
-        r = rm_unlink(dirfd(p->d), s.names + f->name_off, AT_REMOVEDIR);
+        r = rm_unlink(dirfd(p->d), s.names + f->name_off, AT_REMOVEDIR, 1);
         if (r < 0 && r != -ENOENT) {
             rc = lfs_fail(err, -r, -1, name, NULL, "cannot remove directory '%s'", s.names + f->name_off);
             goto out;

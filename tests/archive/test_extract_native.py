@@ -753,6 +753,45 @@ def test_remove_tree_deep_with_outside_symlinks(tmp_path):
     assert os.stat(hard_src).st_nlink == 1
 
 
+def test_remove_tree_unprivileged_read_only_dirs(tmp_path):
+    """Without root, read-only directories inside the tree are made writable to empty
+    them; the directory holding the tree keeps its mode."""
+    import subprocess
+    import sys
+    holder = tmp_path / "holder"
+    (holder / "tree/ro/deeper").mkdir(parents=True)
+    (holder / "tree/ro/deeper/f").write_bytes(b"")
+    (holder / "tree/ro/g").write_bytes(b"")
+    for p in [holder, *holder.rglob("*")]:
+        os.lchown(p, 65534, 65534)
+    os.chmod(holder / "tree/ro/deeper", 0o555)
+    os.chmod(holder / "tree/ro", 0o500)
+
+    def remove_as_nobody():
+        dfd = os.open(holder, os.O_RDONLY | os.O_DIRECTORY)
+        code = ("import os, sys; from layerfs import _native; os.setgroups([]); "
+                "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+                "try:\n"
+                f"    _native.remove_tree({dfd}, 'tree')\n"
+                "except OSError as e:\n"
+                "    sys.exit(e.errno)")
+        try:
+            return subprocess.run([sys.executable, "-c", code], pass_fds=[dfd],
+                                  capture_output=True, text=True, cwd="/")
+        finally:
+            os.close(dfd)
+
+    os.chmod(holder, 0o555)                  # the caller's directory: never chmodded
+    p = remove_as_nobody()
+    assert p.returncode == errno.EACCES, p.stderr
+    assert stat.S_IMODE(os.stat(holder).st_mode) == 0o555
+    os.chmod(holder, 0o755)
+    p = remove_as_nobody()
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(holder) == []
+    assert stat.S_IMODE(os.stat(holder).st_mode) == 0o755
+
+
 def test_remove_tree_edge_cases(tmp_path):
     dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
