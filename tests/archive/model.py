@@ -33,6 +33,8 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -133,12 +135,17 @@ def stat_node(path: bytes, st: Optional[os.stat_result] = None, *, holes: bool =
 
 
 def snapshot(root, *, holes: bool = False, extra: bool = False, include_root: bool = False,
-             exclude: Tuple[bytes, ...] = ()) -> Tree:
+             exclude: Tuple[bytes, ...] = (), ghosts: Optional[List[bytes]] = None) -> Tree:
     """Snapshot of the tree under root, keyed by path relative to root (bytes).
 
     extra=True adds inode, device, link count and ctime (to prove that nothing
     was touched, not even chmod'ed to the same value); exclude lists relative
     paths whose subtrees are left out.
+
+    ghosts: for overlay mounts.  overlayfs passes readdir of a directory that
+    is not merged straight to the layer, so a whiteout there is listed although
+    no lookup finds it.  Names that readdir lists but lstat does not find are
+    appended to this list instead of failing the snapshot.
     """
     root = os.fsencode(root)
     tree: Tree = {}
@@ -152,7 +159,13 @@ def snapshot(root, *, holes: bool = False, extra: bool = False, include_root: bo
             r = os.path.join(rel, e.name) if rel else e.name
             if r in exclude:
                 continue
-            st = e.stat(follow_symlinks=False)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                if ghosts is None:
+                    raise
+                ghosts.append(r)
+                continue
             tree[r] = stat_node(e.path, st, holes=holes, extra=extra)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 inodes.setdefault((st.st_dev, st.st_ino), []).append(r)
@@ -208,6 +221,25 @@ def diff_trees(expected: Tree, actual: Tree, limit: int = 40) -> List[str]:
 def assert_same_tree(expected: Tree, actual: Tree, what: str = "tree") -> None:
     d = diff_trees(expected, actual)
     assert not d, f"{what} differs:\n" + "\n".join(d)
+
+
+@contextmanager
+def overlay_mount(lowers: List[str], mnt: str, opts: str = ""):
+    """A real read-only overlayfs of the layer directories lowers (bottom first)."""
+    if len(lowers) == 1:
+        empty = os.path.join(os.path.dirname(mnt), "empty-lower")
+        os.makedirs(empty, exist_ok=True)
+        lowers = [empty] + list(lowers)
+    options = "lowerdir=" + ":".join(reversed([os.fspath(p) for p in lowers]))
+    if opts:
+        options += "," + opts
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, os.fspath(mnt)],
+                   check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", os.fspath(mnt)], check=True)
 
 
 # --------------------------------------------------------------------------
