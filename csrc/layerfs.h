@@ -192,6 +192,8 @@ typedef struct lfs_union_opts {
     int daemonize;                /* fork once the mount is up: the caller gets 0 at once and
                                      the child serves until the mount goes away */
     int debug;                    /* libfuse request trace on stderr (foreground only) */
+    int no_passthrough;           /* never hand files to the kernel (FUSE passthrough, Linux
+                                     >= 6.9, root): every read and write goes through the server */
     double entry_timeout;         /* seconds the kernel may cache names; < 0: default
                                      (read-only: 86400, writable: 1) */
     double attr_timeout;          /* seconds the kernel may cache attributes; < 0: as above */
@@ -204,7 +206,10 @@ typedef struct lfs_union_opts {
  * ready_fd (or -1) receives one line: "ok PID\n" once the kernel has the mount
  * working (PID: the serving process), or "error ERRNO MESSAGE\n" if it failed;
  * then it is closed.  With opts->daemonize the caller returns 0 as soon as the
- * serving child is forked; errors found before that are returned (and written). */
+ * serving child is forked; errors found before that are returned (and written).
+ * Where the kernel has FUSE passthrough, regular files that will not be copied
+ * up (all of them on read-only mounts, the top layer's on writable ones) are
+ * read and written by the kernel directly on the backing file. */
 int lfs_union_serve(const char *mountpoint, const char *const *layers, size_t nlayers,
                     const lfs_union_opts *opts, int ready_fd, lfs_error *err);
 /* ---- end of union filesystem ---- */

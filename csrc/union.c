@@ -52,9 +52,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/xattr.h>
 
 #include <fuse_lowlevel.h>
@@ -68,10 +70,31 @@
 #define MAX_LAYERS 4096
 #define PBUF 4096
 
-/* A file handle: the backing fd and the layer it was opened in. */
-#define FH_MAKE(fd, layer) (((uint64_t)(layer) << 32) | (uint32_t)(fd))
+/* A file handle: the backing fd, the layer it was opened in, and the kernel's
+ * backing id when the kernel does the file's I/O itself (passthrough), else 0. */
+#define FH_MAKE(fd, layer, bid) \
+    (((uint64_t)(bid) << 48) | ((uint64_t)(layer) << 32) | (uint32_t)(fd))
 #define FH_FD(fh) ((int)(uint32_t)(fh))
-#define FH_LAYER(fh) ((unsigned)((fh) >> 32))
+#define FH_LAYER(fh) ((unsigned)(((fh) >> 32) & 0xffff))
+#define FH_BID(fh) ((unsigned)((fh) >> 48))
+
+/* FUSE passthrough (Linux >= 6.9), which libfuse 3.14 does not know: the
+ * protocol pieces used when patching its messages (include/uapi/linux/fuse.h). */
+#define K_FUSE_OPEN 14
+#define K_FUSE_INIT 26
+#define K_FUSE_CREATE 35
+#define K_INIT_EXT (1u << 30)
+#define K_INIT2_PASSTHROUGH (1u << 5)          /* FUSE_PASSTHROUGH >> 32 */
+#define K_FOPEN_DIRECT_IO (1u << 0)
+#define K_FOPEN_KEEP_CACHE (1u << 1)
+#define K_FOPEN_PASSTHROUGH (1u << 7)
+struct k_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define K_DEV_IOC_BACKING_OPEN _IOW(229, 1, struct k_backing_map)
+#define K_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
 
 typedef struct unode unode;
 struct unode {
@@ -92,6 +115,9 @@ struct unode {
     uint8_t loaded;               /* directories: children are nodes */
     uint8_t detached;             /* removed from the tree; freed when unreferenced */
     uint16_t *dl;
+    uint32_t bid;                 /* the kernel's backing id while passthrough opens last */
+    uint32_t bid_refs;            /* open handles in passthrough */
+    uint32_t ncached;             /* open handles whose I/O comes to the server */
 };
 
 typedef struct ulayer {
@@ -115,8 +141,11 @@ typedef struct ufs {
     unode *detached;
     uint64_t tmpseq;
     struct fuse_session *se;
+    int sefd;                     /* /dev/fuse */
     int ready_fd;
     int ready;
+    /* passthrough: wanted, offered by the kernel, switched on by the INIT reply */
+    int pt_want, pt_kernel, pt_on;
 } ufs;
 
 /* One open directory: its children as they were at opendir. */
@@ -678,6 +707,129 @@ static void invalidate_attr(ufs *u, unode *n)
     known = n->nlookup > 0;
     unlock(u);
     if (known && u->se) fuse_lowlevel_notify_inval_inode(u->se, ID(u, n), -1, 0);
+}
+
+/* ------------------------------------------------------------ passthrough */
+
+/*
+ * libfuse sends a reply from the thread that calls fuse_reply_*(), through
+ * the custom I/O writev below.  Just before replying to INIT, OPEN or CREATE a
+ * handler says here what to add to the reply; the writev hook adds it and
+ * forgets it.  (Per thread, so concurrent sessions and requests never mix.)
+ */
+static __thread ufs *tl_init_patch;
+static __thread unsigned tl_open_bid;
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    ssize_t n = read(fd, buf, len);
+    ufs *u = userdata;
+    if (u && n >= 40 + 20) {
+        uint32_t opcode, flags, flags2;
+        memcpy(&opcode, (char *)buf + 4, 4);
+        if (opcode == K_FUSE_INIT) {
+            memcpy(&flags, (char *)buf + 40 + 12, 4);
+            memcpy(&flags2, (char *)buf + 40 + 16, 4);
+            u->pt_kernel = (flags & K_INIT_EXT) && (flags2 & K_INIT2_PASSTHROUGH);
+        }
+    }
+    return n;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    if ((tl_init_patch || tl_open_bid) && count >= 2) {
+        int32_t error;
+        memcpy(&error, (char *)iov[0].iov_base + 4, 4);
+        char *p = iov[count - 1].iov_base;
+        size_t len = iov[count - 1].iov_len;
+        if (error == 0 && tl_init_patch && len >= 40) {
+            /* fuse_init_out: flags at 12, flags2 at 32, max_stack_depth at 36 */
+            uint32_t flags, flags2, depth = 1;
+            memcpy(&flags, p + 12, 4);
+            memcpy(&flags2, p + 32, 4);
+            flags |= K_INIT_EXT;
+            flags2 |= K_INIT2_PASSTHROUGH;
+            memcpy(p + 12, &flags, 4);
+            memcpy(p + 32, &flags2, 4);
+            memcpy(p + 36, &depth, 4);
+            tl_init_patch->pt_on = 1;
+        } else if (error == 0 && tl_open_bid && len >= 16) {
+            /* fuse_open_out ends the reply: fh, open_flags, backing_id */
+            uint32_t flags;
+            int32_t bid = (int32_t)tl_open_bid;
+            memcpy(&flags, p + len - 8, 4);
+            flags = (flags | K_FOPEN_PASSTHROUGH) & ~(K_FOPEN_DIRECT_IO | K_FOPEN_KEEP_CACHE);
+            memcpy(p + len - 8, &flags, 4);
+            memcpy(p + len - 4, &bid, 4);
+        }
+        tl_init_patch = NULL;
+        tl_open_bid = 0;
+    }
+    return writev(fd, iov, count);
+}
+
+static ssize_t io_splice_receive(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+                                 unsigned int flags, void *userdata)
+{
+    return splice(fdin, (loff_t *)offin, fdout, (loff_t *)offout, len, flags);
+}
+
+static ssize_t io_splice_send(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+                              unsigned int flags, void *userdata)
+{
+    return splice(fdin, (loff_t *)offin, fdout, (loff_t *)offout, len, flags);
+}
+
+static const struct fuse_custom_io union_io = {
+    .writev = io_writev,
+    .read = io_read,
+    .splice_receive = io_splice_receive,
+    .splice_send = io_splice_send,
+};
+
+/* A new open handle of n (file fd, in layer): its backing id when the kernel
+ * will do its I/O, else 0.  Every passthrough open of one inode must share the
+ * backing file, and an inode is never in passthrough and cached I/O at once,
+ * so only files that cannot be copied up get passthrough.  Lock held. */
+static unsigned pt_attach(ufs *u, unode *n, int fd, unsigned layer)
+{
+    if (!u->pt_on || !S_ISREG(n->type) || (u->writable && layer != 0) || n->ncached) {
+        n->ncached++;
+        return 0;
+    }
+    if (n->bid_refs == 0) {
+        struct k_backing_map map;
+        memset(&map, 0, sizeof map);
+        map.fd = fd;
+        int id = ioctl(u->sefd, K_DEV_IOC_BACKING_OPEN, &map);
+        if (id <= 0 || id > 0xffff) {
+            if (id > 0) {
+                uint32_t b = (uint32_t)id;
+                ioctl(u->sefd, K_DEV_IOC_BACKING_CLOSE, &b);
+            } else if (errno == EPERM || errno == EOPNOTSUPP || errno == ENOTTY) {
+                u->pt_on = 0;             /* not allowed here: stop asking */
+            }
+            n->ncached++;
+            return 0;
+        }
+        n->bid = (uint32_t)id;
+    }
+    n->bid_refs++;
+    return n->bid;
+}
+
+static void pt_detach(ufs *u, unode *n, unsigned bid)
+{
+    if (!bid) {
+        if (n->ncached) n->ncached--;
+        return;
+    }
+    if (n->bid_refs && --n->bid_refs == 0) {
+        uint32_t b = n->bid;
+        ioctl(u->sefd, K_DEV_IOC_BACKING_CLOSE, &b);
+        n->bid = 0;
+    }
 }
 
 /* ------------------------------------------------------------ read side */
@@ -1301,9 +1453,14 @@ static void finish_new(fuse_req_t req, ufs *u, unode *d, const char *name, const
     unode *n = ht_find(u, d, name, strlen(name));
     if (n) node_detach(u, n);
     n = node_new(u, d, name, strlen(name), st.st_mode & S_IFMT, 0, st.st_ino);
+    unsigned bid = 0;
     if (n) {
         n->nlookup++;
         if (S_ISDIR(st.st_mode)) n->loaded = 1;
+        if (fi) {
+            bid = pt_attach(u, n, FH_FD(fi->fh), 0);
+            fi->fh = FH_MAKE(FH_FD(fi->fh), 0, bid);
+        }
     }
     unlock(u);
     wunlock(u);
@@ -1315,7 +1472,13 @@ static void finish_new(fuse_req_t req, ufs *u, unode *d, const char *name, const
     struct fuse_entry_param e;
     entry_of(u, &e, n, &st);
     if (fi) {
-        if (fuse_reply_create(req, &e, fi) != 0) {
+        tl_open_bid = bid;
+        int r = fuse_reply_create(req, &e, fi);
+        tl_open_bid = 0;
+        if (r != 0) {
+            lock(u);
+            pt_detach(u, n, bid);
+            unlock(u);
             close(FH_FD(fi->fh));
             forget_ref(u, n, 1);
         }
@@ -1475,8 +1638,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         fuse_reply_err(req, -rc);
         return;
     }
-    fi->fh = FH_MAKE(fd, 0);
-    fi->keep_cache = 1;
+    fi->fh = FH_MAKE(fd, 0, 0);
     finish_new(req, u, d, name, dpath, path, had_wh, fi);
 }
 
@@ -1796,9 +1958,20 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_reply_err(req, errno);
         return;
     }
-    fi->fh = FH_MAKE(fd, layer);
-    fi->keep_cache = 1;
-    if (fuse_reply_open(req, fi) != 0) close(fd);
+    lock(u);
+    unsigned bid = pt_attach(u, n, fd, layer);
+    unlock(u);
+    fi->fh = FH_MAKE(fd, layer, bid);
+    fi->keep_cache = !u->writable;
+    tl_open_bid = bid;
+    int r = fuse_reply_open(req, fi);
+    tl_open_bid = 0;
+    if (r != 0) {
+        lock(u);
+        pt_detach(u, n, bid);
+        unlock(u);
+        close(fd);
+    }
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -1830,6 +2003,10 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    ufs *u = fuse_req_userdata(req);
+    lock(u);
+    pt_detach(u, N(u, ino), FH_BID(fi->fh));
+    unlock(u);
     close(FH_FD(fi->fh));
     fuse_reply_err(req, 0);
 }
@@ -1926,6 +2103,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     conn->max_background = 64;
     conn->congestion_threshold = 48;
     conn->time_gran = 1;
+    if (u->pt_want && u->pt_kernel) tl_init_patch = u;   /* the reply says "passthrough" */
     signal_ready(u, 0, NULL);
 }
 
@@ -2167,6 +2345,9 @@ int lfs_union_serve(const char *mountpoint, const char *const *layers, size_t nl
         goto fail;
     }
     mounted = 1;
+    u->sefd = fuse_session_fd(se);
+    u->pt_want = !o.no_passthrough && geteuid() == 0;
+    if (u->pt_want && fuse_session_custom_io(se, &union_io, u->sefd) != 0) u->pt_want = 0;
     if (o.daemonize) {
         pid_t pid = fork();
         if (pid < 0) {

@@ -27,6 +27,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--ready-fd", type=int, default=-1, help="pipe for the readiness line")
     ap.add_argument("--foreground", action="store_true", help="serve in this process")
     ap.add_argument("--debug", action="store_true", help="trace FUSE requests on stderr")
+    ap.add_argument("--no-passthrough", action="store_true",
+                    help="serve every read and write in this process (no kernel passthrough)")
     ap.add_argument("--fsname", help="mount source shown in /proc/self/mountinfo")
     ap.add_argument("--entry-timeout", type=float, default=-1.0)
     ap.add_argument("--attr-timeout", type=float, default=-1.0)
@@ -53,6 +55,7 @@ def serve(args: argparse.Namespace) -> int:
     opts.workdir = cstr(args.workdir)
     opts.daemonize = int(not args.foreground)
     opts.debug = int(args.debug)
+    opts.no_passthrough = int(args.no_passthrough)
     opts.entry_timeout = args.entry_timeout
     opts.attr_timeout = args.attr_timeout
     opts.max_threads = max(0, args.threads)
