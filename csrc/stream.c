@@ -31,7 +31,19 @@
  *   threads a worker thread compresses, hashes and writes full buffers, so
  *   the tar writer (reading files) overlaps with compression; the writer
  *   hashes each buffer (DiffID) as it hands it over.  zstd also uses
- *   libzstd's own workers (ZSTD_c_nbWorkers).
+ *   libzstd's own workers (ZSTD_c_nbWorkers).  The encoder is always fed
+ *   whole SINK_BUF_CAP pieces, so its output does not depend on how the
+ *   caller cut its writes nor on the thread setting (except zstd, see below).
+ *
+ *   gzip encoders, CPU seconds for 100 MB of a tar of /usr files (one
+ *   thread, both hashes included) and output/input size:
+ *     ISA-L level 1  0.35 s  0.459      zlib level 1  1.30 s  0.449
+ *     ISA-L level 2  0.36 s  0.453      zlib level 4  1.86 s  0.426
+ *     ISA-L level 3  0.49 s  0.449      zlib level 6  3.95 s  0.416
+ *   (zstd level 1: 0.35 s 0.444, level 3: 0.70 s 0.407.)  So gzip levels 1-3
+ *   are ISA-L's levels 1-3, levels 4-9 are zlib's, and the default (level 0)
+ *   is ISA-L level 1: nearly four times faster than zlib's fastest level for
+ *   an output 2% larger.
  */
 #include "internal.h"
 
@@ -890,7 +902,7 @@ struct lfs_sink {
 static int sink_emit(lfs_sink *s, const unsigned char *p, size_t n, lfs_error *err)
 {
     if (!n) return 0;
-    lfs_sha256_update(&s->h_out, p, n);
+    if (s->enc != ENC_NONE) lfs_sha256_update(&s->h_out, p, n);   /* plain: digest == DiffID */
     s->out_size += n;
     while (n) {
         ssize_t w = write(s->fd, p, n);
@@ -1010,8 +1022,6 @@ int lfs_sink_open(lfs_sink **out, int fd, int compression, int level, int thread
     *out = NULL;
     if (compression != LFS_COMP_NONE && compression != LFS_COMP_GZIP && compression != LFS_COMP_ZSTD)
         return lfs_fail(err, EINVAL, -1, "", NULL, "unknown compression %d", compression);
-    if (level < 0)
-        return lfs_fail(err, EINVAL, -1, "", NULL, "invalid compression level %d", level);
     lfs_sink *s = calloc(1, sizeof *s);
     if (!s) return lfs_fail(err, ENOMEM, -1, "", NULL, "out of memory");
     s->fd = fd;
@@ -1022,7 +1032,10 @@ int lfs_sink_open(lfs_sink **out, int fd, int compression, int level, int thread
     int ncpu = cpu_count();
 
     if (compression == LFS_COMP_GZIP) {
-        if (level > 9) { rc = lfs_fail(err, EINVAL, -1, "", NULL, "gzip level %d out of range 1-9", level); goto fail; }
+        if (level < 0 || level > 9) {
+            rc = lfs_fail(err, EINVAL, -1, "", NULL, "gzip level %d out of range 1-9", level);
+            goto fail;
+        }
         if (level == 0) level = 1;
         if (level <= ISAL_DEF_MAX_LEVEL) {
             s->enc = ENC_ISAL;
@@ -1051,14 +1064,18 @@ int lfs_sink_open(lfs_sink **out, int fd, int compression, int level, int thread
     } else if (compression == LFS_COMP_ZSTD) {
         s->enc = ENC_ZSTD;
         if (level == 0) level = 3;
-        if (level > ZSTD_maxCLevel()) {
-            rc = lfs_fail(err, EINVAL, -1, "", NULL, "zstd level %d out of range 1-%d", level, ZSTD_maxCLevel());
+        if (level > ZSTD_maxCLevel() || level < ZSTD_minCLevel()) {
+            rc = lfs_fail(err, EINVAL, -1, "", NULL, "zstd level %d out of range %d..%d",
+                          level, ZSTD_minCLevel(), ZSTD_maxCLevel());
             goto fail;
         }
         s->zc = ZSTD_createCCtx();
         if (!s->zc) { rc = lfs_fail(err, ENOMEM, -1, "", NULL, "out of memory (zstd context)"); goto fail; }
-        int workers = threads == 0 ? ncpu : threads;
-        if (workers < 2) workers = 0;
+        /* libzstd's output is the same for every nbWorkers >= 1 and differs
+         * with 0 (single-threaded mode).  threads 1 keeps everything in the
+         * caller's thread; the default uses workers even on one CPU, so that
+         * it gives the same bytes on every machine. */
+        int workers = threads == 0 ? ncpu : threads == 1 ? 0 : threads;
         size_t r = ZSTD_CCtx_setParameter(s->zc, ZSTD_c_compressionLevel, level);
         if (!ZSTD_isError(r)) r = ZSTD_CCtx_setParameter(s->zc, ZSTD_c_checksumFlag, 1);
         if (!ZSTD_isError(r) && workers) r = ZSTD_CCtx_setParameter(s->zc, ZSTD_c_nbWorkers, workers);
@@ -1147,14 +1164,14 @@ int lfs_sink_write(lfs_sink *s, const void *p, size_t n, lfs_error *err)
     s->tar_size += n;
     while (n) {
         if (!s->threaded && s->stage_len == 0 && n >= SINK_BUF_CAP) {
-            /* large write, nothing staged: process in place */
-            size_t k = n - n % SINK_BUF_CAP;
-            if (k > (1u << 30)) k = 1u << 30;
-            lfs_sha256_update(&s->h_tar, b, k);
-            int rc = sink_process(s, b, k, 0, &s->fail_err);
+            /* a whole buffer's worth and nothing staged: process it in place
+             * (the encoder still sees the same SINK_BUF_CAP pieces, so the
+             * output does not depend on how the caller cut its writes) */
+            lfs_sha256_update(&s->h_tar, b, SINK_BUF_CAP);
+            int rc = sink_process(s, b, SINK_BUF_CAP, 0, &s->fail_err);
             if (rc) return sink_fail(s, rc, err);
-            b += k;
-            n -= k;
+            b += SINK_BUF_CAP;
+            n -= SINK_BUF_CAP;
             continue;
         }
         size_t room = SINK_BUF_CAP - s->stage_len;
@@ -1195,7 +1212,10 @@ int lfs_sink_finish(lfs_sink *s, lfs_digests *out, lfs_error *err)
         }
         memset(&s->result, 0, sizeof s->result);
         lfs_sha256_final(&s->h_tar, s->result.diff_id);
-        lfs_sha256_final(&s->h_out, s->result.digest);
+        if (s->enc == ENC_NONE)
+            memcpy(s->result.digest, s->result.diff_id, 32);
+        else
+            lfs_sha256_final(&s->h_out, s->result.digest);
         s->result.tar_size = s->tar_size;
         s->result.compressed_size = s->out_size;
         s->result.compression = s->comp;
