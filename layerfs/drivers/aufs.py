@@ -8,6 +8,8 @@ apply_diff stores a layer tarball's whiteouts as they are (whiteout mode
 
 - mount: ``python -m layerfs.drivers._union_server`` mounts the union of the
   layer's chain (C core, csrc/union.c) and daemonizes once the mount works;
+  where the kernel has FUSE passthrough (Linux >= 6.9, root), files that are
+  never copied up are read and written by the kernel on the backing file;
   mount() waits for its readiness line, so it returns a working mount or
   raises with the server's reason.  A writable (container) layer is the union's
   writable branch: changes copy lower files up into it and deletions leave
@@ -131,14 +133,16 @@ class AufsDriver(DirectoryDriver):
 
     Options: ``entry_timeout`` / ``attr_timeout`` (seconds the kernel caches
     names and attributes; default 1 day for read-only views, 1 s for writable
-    ones), ``threads`` (server request threads), ``debug`` (trace requests into
-    the layer's ``union.log``).
+    ones), ``threads`` (server request threads), ``passthrough`` (default
+    True: where the kernel can, it reads and writes files that are never copied
+    up directly on the backing file; False sends all file I/O through the
+    server), ``debug`` (trace requests into the layer's ``union.log``).
     """
 
     name = "aufs"
     whiteout_mode = "keep"
 
-    _OPTIONS = {"entry_timeout", "attr_timeout", "threads", "debug"}
+    _OPTIONS = {"entry_timeout", "attr_timeout", "threads", "passthrough", "debug"}
 
     @classmethod
     def supported(cls, root: Optional[str] = None) -> Support:
@@ -207,6 +211,8 @@ class AufsDriver(DirectoryDriver):
                 argv += ["--" + opt.replace("_", "-"), str(float(self.options[opt]))]
         if "threads" in self.options:
             argv += ["--threads", str(int(self.options["threads"]))]
+        if not self.options.get("passthrough", True):
+            argv.append("--no-passthrough")
         if self.options.get("debug"):
             argv.append("--debug")
         return argv + ["--", target] + self.branches(info.id)
