@@ -1,0 +1,503 @@
+"""Image manifests, indexes, configs and descriptors (OCI image-spec and Docker v2.2).
+
+Vocabulary:
+
+- a *blob* is content addressed by its digest ("sha256:<hex>") and size;
+- a *descriptor* points at a blob: media type, digest, size (and annotations,
+  platform, urls);
+- a *manifest* lists one image's config blob and its layer blobs (bottom first);
+- an *index* (Docker: manifest list) lists manifests, usually one per platform;
+- a *config* carries the image's run settings, its platform and ``rootfs.diff_ids``:
+  the digest of each layer's uncompressed tar.
+
+The parse helpers check the JSON against the spec and raise :class:`FormatError`
+naming the file (and the archive member) and the JSON field that is wrong.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import platform as _platform_mod
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from ..errors import DigestMismatch, LayerError
+
+# --- media types -------------------------------------------------------------------------
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+OCI_LAYER_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+OCI_LAYER_NONDISTRIBUTABLE_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+OCI_LAYER_NONDISTRIBUTABLE_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_MANIFEST_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"          # uncompressed
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
+DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
+NONDISTRIBUTABLE_TYPES = frozenset({OCI_LAYER_NONDISTRIBUTABLE, OCI_LAYER_NONDISTRIBUTABLE_GZIP,
+                                    OCI_LAYER_NONDISTRIBUTABLE_ZSTD, DOCKER_FOREIGN_LAYER})
+_LAYER_COMPRESSION = {
+    OCI_LAYER: "none", OCI_LAYER_GZIP: "gzip", OCI_LAYER_ZSTD: "zstd",
+    OCI_LAYER_NONDISTRIBUTABLE: "none", OCI_LAYER_NONDISTRIBUTABLE_GZIP: "gzip",
+    OCI_LAYER_NONDISTRIBUTABLE_ZSTD: "zstd",
+    DOCKER_LAYER: "none", DOCKER_LAYER_GZIP: "gzip", DOCKER_LAYER_ZSTD: "zstd",
+    DOCKER_FOREIGN_LAYER: "gzip",
+}
+LAYER_TYPES = frozenset(_LAYER_COMPRESSION)
+
+# --- annotations -------------------------------------------------------------------------
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
+ANNOTATION_CREATED = "org.opencontainers.image.created"
+
+# Manifests, indexes and configs larger than this are refused (they are read into memory).
+MAX_JSON_BLOB = 64 << 20
+
+_SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ANY_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+
+
+class FormatError(LayerError, ValueError):
+    """A manifest, index, config or archive that does not follow its format.
+
+    ``filename`` is the file (for an archive: the archive, with the member in
+    ``entry``), ``field`` the JSON field that is wrong, e.g. ``layers[1].digest``.
+    """
+
+    def __init__(self, message: str, filename: Optional[str] = None, *,
+                 field: Optional[str] = None, entry: Optional[str] = None):
+        text = f"{field}: {message}" if field else message
+        LayerError.__init__(self, errno.EINVAL, text, filename, entry=entry)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a JSON document came from, for error messages: the file, and the
+    member when the file is an archive."""
+    filename: str
+    entry: Optional[str] = None
+
+    def error(self, message: str, field: Optional[str] = None) -> FormatError:
+        return FormatError(message, self.filename, field=field, entry=self.entry)
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.entry}" if self.entry else self.filename
+
+
+# --- digests -----------------------------------------------------------------------------
+
+def sha256_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def check_digest(value: Any, where: Where, field: str) -> str:
+    """A descriptor digest: must be "sha256:<64 lowercase hex>"."""
+    if not isinstance(value, str):
+        raise where.error(f"digest must be a string, not {type(value).__name__}", field)
+    if not _SHA256_RE.match(value):
+        if _ANY_DIGEST_RE.match(value) and not value.startswith("sha256:"):
+            raise where.error(f"unsupported digest algorithm in {value!r} (only sha256)", field)
+        raise where.error(f"not a sha256 digest: {value!r}", field)
+    return value
+
+
+def verify_blob(data: bytes, digest: str, size: Optional[int], where: Where) -> None:
+    """Raise DigestMismatch (naming the blob and the file) unless data is that blob."""
+    if size is not None and len(data) != size:
+        raise DigestMismatch(f"blob {digest}: size is {len(data)} bytes, descriptor says {size}",
+                             where.filename, entry=where.entry)
+    actual = sha256_bytes(data)
+    if actual != digest:
+        raise DigestMismatch(f"blob {digest}: content has digest {actual}",
+                             where.filename, entry=where.entry)
+
+
+# --- platforms ---------------------------------------------------------------------------
+
+_ARCH_ALIASES = {
+    "x86_64": ("amd64", None), "x86-64": ("amd64", None), "amd64": ("amd64", None),
+    "aarch64": ("arm64", None), "arm64": ("arm64", None),
+    "armhf": ("arm", "v7"), "armel": ("arm", "v6"), "armv7l": ("arm", "v7"),
+    "armv7": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv6": ("arm", "v6"),
+    "armv5tel": ("arm", "v5"), "armv5l": ("arm", "v5"), "arm": ("arm", None),
+    "i386": ("386", None), "i486": ("386", None), "i586": ("386", None),
+    "i686": ("386", None), "386": ("386", None),
+    "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+    "mips64": ("mips64", None), "mips64le": ("mips64le", None), "loong64": ("loong64", None),
+    "loongarch64": ("loong64", None),
+}
+# The variant an architecture has when none is written.
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
+
+
+def _norm_variant(arch: str, variant: Optional[str]) -> Optional[str]:
+    if variant:
+        variant = variant.lower()
+        if arch == "arm64" and variant == "8":
+            variant = "v8"
+        if arch == "arm" and variant in ("5", "6", "7", "8"):
+            variant = "v" + variant
+    return variant or None
+
+
+@dataclass(frozen=True)
+class Platform:
+    """An OCI platform: os, architecture, optional variant and os_version.
+
+    Architectures use the Go names (amd64, arm64, arm, 386, ...).  ``str()``
+    gives "os/arch[/variant]".
+    """
+    os: str
+    architecture: str
+    variant: Optional[str] = None
+    os_version: Optional[str] = None
+
+    def normalized(self) -> "Platform":
+        arch, implied = _ARCH_ALIASES.get(self.architecture.lower(),
+                                          (self.architecture.lower(), None))
+        variant = _norm_variant(arch, self.variant) or implied
+        return Platform(self.os.lower(), arch, variant, self.os_version)
+
+    def _key(self) -> Tuple[str, str, str]:
+        p = self.normalized()
+        return p.os, p.architecture, p.variant or _DEFAULT_VARIANT.get(p.architecture, "")
+
+    def matches(self, other: "Platform") -> bool:
+        """True when an image built for ``other`` runs as this platform: same os
+        and architecture, and a variant this one can run (an arm v7 host runs
+        v6 and v5 images; arm64 images with no variant are v8)."""
+        return self.match_rank(other) is not None
+
+    def match_rank(self, other: "Platform") -> Optional[int]:
+        """0 for an exact match, higher for a compatible older variant, None when
+        ``other`` cannot run here."""
+        mos, march, mvar = self._key()
+        oos, oarch, ovar = other._key()
+        if mos != oos or march != oarch:
+            return None
+        if self.os_version and other.os_version and self.os_version != other.os_version:
+            return None
+        if mvar == ovar:
+            return 0
+        m, o = _variant_number(mvar), _variant_number(ovar)
+        if m is not None and o is not None and o < m:
+            return m - o
+        return None
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"architecture": self.architecture, "os": self.os}
+        if self.os_version:
+            d["os.version"] = self.os_version
+        if self.variant:
+            d["variant"] = self.variant
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any, where: Optional[Where] = None,
+                  field: str = "platform") -> "Platform":
+        where = where or Where("<platform>")
+        if not isinstance(obj, dict):
+            raise where.error("must be an object", field)
+        for k in ("os", "architecture"):
+            if not isinstance(obj.get(k), str) or not obj.get(k):
+                raise where.error(f"{k} must be a non-empty string", field)
+        for k in ("variant", "os.version"):
+            if obj.get(k) is not None and not isinstance(obj.get(k), str):
+                raise where.error(f"{k} must be a string", field)
+        return cls(obj["os"], obj["architecture"], obj.get("variant") or None,
+                   obj.get("os.version") or None)
+
+    def __str__(self) -> str:
+        return "/".join(x for x in (self.os, self.architecture, self.variant) if x)
+
+
+def _variant_number(v: str) -> Optional[int]:
+    m = re.fullmatch(r"v(\d+)", v or "")
+    return int(m.group(1)) if m else None
+
+
+def parse_platform(text: str) -> Platform:
+    """"linux/arm64/v8", "linux/amd64", "arm64" (os linux) -> a normalised Platform."""
+    if isinstance(text, Platform):
+        return text.normalized()
+    parts = [p for p in str(text).strip().split("/")]
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise ValueError(f"not a platform (os/arch[/variant]): {text!r}")
+    if len(parts) == 1:
+        os_name, arch, variant = "linux", parts[0], None
+    else:
+        os_name, arch = parts[0], parts[1]
+        variant = parts[2] if len(parts) == 3 else None
+    return Platform(os_name, arch, variant).normalized()
+
+
+def current_platform() -> Platform:
+    """The platform of this machine, uname normalised to OCI names
+    (x86_64 -> amd64, aarch64 -> arm64 v8, armv7l -> arm v7)."""
+    machine = os.uname().machine if hasattr(os, "uname") else _platform_mod.machine()
+    arch, variant = _ARCH_ALIASES.get(machine.lower(), (machine.lower(), None))
+    if arch == "arm64":
+        variant = "v8"
+    system = (_platform_mod.system() or "linux").lower()
+    return Platform(system, arch, variant)
+
+
+# --- descriptors -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: Optional[Mapping[str, str]] = None
+    platform: Optional[Platform] = None
+    urls: Optional[Tuple[str, ...]] = None
+    artifact_type: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
+                             "size": self.size}
+        if self.urls:
+            d["urls"] = list(self.urls)
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        if self.platform is not None:
+            d["platform"] = self.platform.to_json()
+        if self.artifact_type:
+            d["artifactType"] = self.artifact_type
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any, where: Optional[Where] = None,
+                  field: str = "descriptor") -> "Descriptor":
+        where = where or Where("<descriptor>")
+        if not isinstance(obj, dict):
+            raise where.error("descriptor must be an object", field)
+        mt = obj.get("mediaType")
+        if not isinstance(mt, str) or not mt:
+            raise where.error("mediaType must be a non-empty string", f"{field}.mediaType")
+        digest = check_digest(obj.get("digest"), where, f"{field}.digest")
+        size = obj.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise where.error(f"size must be a non-negative integer, not {size!r}",
+                              f"{field}.size")
+        ann = obj.get("annotations")
+        if ann is not None:
+            if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in ann.items()):
+                raise where.error("annotations must map strings to strings",
+                                  f"{field}.annotations")
+        urls = obj.get("urls")
+        if urls is not None:
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise where.error("urls must be a list of strings", f"{field}.urls")
+            urls = tuple(urls)
+        plat = obj.get("platform")
+        plat = Platform.from_json(plat, where, f"{field}.platform") if plat is not None else None
+        at = obj.get("artifactType")
+        return cls(mt, digest, size, ann or None, plat, urls or None,
+                   at if isinstance(at, str) and at else None)
+
+
+def layer_compression(media_type: str) -> str:
+    """"none", "gzip" or "zstd" for a layer media type; ValueError for others."""
+    try:
+        return _LAYER_COMPRESSION[media_type]
+    except KeyError:
+        raise ValueError(f"not a layer media type: {media_type!r}") from None
+
+
+def detect_compression(head: bytes) -> str:
+    """"gzip", "zstd" or "none" from a blob's first bytes."""
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none"
+
+
+# --- documents ---------------------------------------------------------------------------
+
+def parse_json(data: bytes, where: Where, what: str = "document") -> Any:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise where.error(f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise where.error(f"{what} is not valid JSON: {e.msg} at line {e.lineno} "
+                          f"column {e.colno}") from None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str                 # from the document, else the descriptor that pointed here
+    config: Descriptor
+    layers: List[Descriptor]
+    annotations: Optional[Mapping[str, str]] = None
+    subject: Optional[Descriptor] = None
+
+
+@dataclass(frozen=True)
+class Index:
+    media_type: str
+    manifests: List[Descriptor]
+    annotations: Optional[Mapping[str, str]] = None
+
+
+def _check_schema(doc: Any, where: Where, what: str) -> None:
+    if not isinstance(doc, dict):
+        raise where.error(f"{what} must be a JSON object")
+    sv = doc.get("schemaVersion")
+    if sv == 1 and what == "manifest":
+        raise where.error("Docker schema 1 manifests are not supported", "schemaVersion")
+    if sv != 2 or isinstance(sv, bool):
+        raise where.error(f"must be 2, not {sv!r}", "schemaVersion")
+
+
+def parse_manifest(data: bytes, where: Where, media_type: Optional[str] = None) -> Manifest:
+    """Parse and check an image manifest (OCI or Docker v2 schema 2)."""
+    doc = parse_json(data, where, "manifest")
+    _check_schema(doc, where, "manifest")
+    mt = doc.get("mediaType")
+    if mt is not None:
+        if not isinstance(mt, str):
+            raise where.error("must be a string", "mediaType")
+        if media_type in MANIFEST_TYPES and mt != media_type:
+            raise where.error(f"manifest says {mt!r} but its descriptor says {media_type!r}",
+                              "mediaType")
+    elif media_type:
+        mt = media_type
+    else:
+        cfg = doc.get("config")
+        mt = DOCKER_MANIFEST if isinstance(cfg, dict) and \
+            cfg.get("mediaType") == DOCKER_CONFIG else OCI_MANIFEST
+    if mt in (DOCKER_MANIFEST_SCHEMA1, DOCKER_MANIFEST_SCHEMA1_SIGNED):
+        raise where.error("Docker schema 1 manifests are not supported", "mediaType")
+    if mt not in MANIFEST_TYPES:
+        raise where.error(f"{mt!r} is not a manifest media type", "mediaType")
+    if "manifests" in doc and "layers" not in doc:
+        raise where.error("this is an index, not a manifest", "manifests")
+    config = Descriptor.from_json(doc.get("config"), where, "config")
+    layers_json = doc.get("layers")
+    if not isinstance(layers_json, list):
+        raise where.error("must be a list of descriptors", "layers")
+    layers = [Descriptor.from_json(d, where, f"layers[{i}]") for i, d in enumerate(layers_json)]
+    ann = doc.get("annotations")
+    if ann is not None and not isinstance(ann, dict):
+        raise where.error("must be an object", "annotations")
+    subject = doc.get("subject")
+    subject = Descriptor.from_json(subject, where, "subject") if subject is not None else None
+    return Manifest(mt, config, layers, ann or None, subject)
+
+
+def parse_index(data: bytes, where: Where, media_type: Optional[str] = None) -> Index:
+    """Parse and check an image index (OCI) or manifest list (Docker)."""
+    doc = parse_json(data, where, "index")
+    _check_schema(doc, where, "index")
+    mt = doc.get("mediaType")
+    if mt is not None:
+        if not isinstance(mt, str):
+            raise where.error("must be a string", "mediaType")
+        if media_type in INDEX_TYPES and mt != media_type:
+            raise where.error(f"index says {mt!r} but its descriptor says {media_type!r}",
+                              "mediaType")
+    else:
+        mt = media_type or OCI_INDEX
+    if mt not in INDEX_TYPES:
+        raise where.error(f"{mt!r} is not an index media type", "mediaType")
+    ms = doc.get("manifests")
+    if not isinstance(ms, list):
+        raise where.error("must be a list of descriptors", "manifests")
+    manifests = [Descriptor.from_json(d, where, f"manifests[{i}]") for i, d in enumerate(ms)]
+    ann = doc.get("annotations")
+    if ann is not None and not isinstance(ann, dict):
+        raise where.error("must be an object", "annotations")
+    return Index(mt, manifests, ann or None)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    doc: Dict[str, Any]
+    diff_ids: List[str]
+    platform: Optional[Platform]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def parse_config(data: bytes, where: Where) -> ImageConfig:
+    """Parse an image config: rootfs.diff_ids, platform, history."""
+    doc = parse_json(data, where, "config")
+    if not isinstance(doc, dict):
+        raise where.error("config must be a JSON object")
+    rootfs = doc.get("rootfs")
+    if not isinstance(rootfs, dict):
+        raise where.error("must be an object", "rootfs")
+    if rootfs.get("type") != "layers":
+        raise where.error(f"must be 'layers', not {rootfs.get('type')!r}", "rootfs.type")
+    ids = rootfs.get("diff_ids")
+    if ids is None:
+        ids = []
+    if not isinstance(ids, list):
+        raise where.error("must be a list of digests", "rootfs.diff_ids")
+    diff_ids = [check_digest(d, where, f"rootfs.diff_ids[{i}]") for i, d in enumerate(ids)]
+    plat = None
+    if isinstance(doc.get("os"), str) and isinstance(doc.get("architecture"), str) \
+            and doc["os"] and doc["architecture"]:
+        variant = doc.get("variant") if isinstance(doc.get("variant"), str) else None
+        osv = doc.get("os.version") if isinstance(doc.get("os.version"), str) else None
+        plat = Platform(doc["os"], doc["architecture"], variant or None, osv or None)
+    history = doc.get("history")
+    if history is None:
+        history = []
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise where.error("must be a list of objects", "history")
+    return ImageConfig(doc, diff_ids, plat, history)
+
+
+def check_layers_match(layers: List[Descriptor], diff_ids: List[str], where: Where) -> None:
+    """The manifest's layer count must equal the config's rootfs.diff_ids count."""
+    if len(layers) != len(diff_ids):
+        raise where.error(f"config has {len(diff_ids)} diff_ids but the manifest lists "
+                          f"{len(layers)} layers", "rootfs.diff_ids")
+
+
+def canonical_json(doc: Any) -> bytes:
+    """Compact JSON as Go's encoding/json writes it (no spaces, no HTML escaping issue)."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def is_index(media_type: str) -> bool:
+    return media_type in INDEX_TYPES
+
+
+def is_manifest(media_type: str) -> bool:
+    return media_type in MANIFEST_TYPES
+
+
+__all__ = [n for n in dir() if n.isupper() and not n.startswith("_")] + [
+    "FormatError", "Where", "Descriptor", "Platform", "Manifest", "Index", "ImageConfig",
+    "parse_platform", "current_platform", "layer_compression", "detect_compression",
+    "parse_json", "parse_manifest", "parse_index", "parse_config", "check_layers_match",
+    "check_digest", "verify_blob", "sha256_bytes", "canonical_json", "is_index", "is_manifest",
+]
