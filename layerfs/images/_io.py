@@ -120,7 +120,7 @@ class VerifyingReader(io.RawIOBase):
         self._hash = hashlib.sha256()
         self._count = 0
         self._checked = False
-        self.name = str(where)
+        self.name = f"{where.filename}:{where.entry}" if where.entry else where.filename
 
     def readable(self) -> bool:
         return True
@@ -248,6 +248,7 @@ class TarFiles:
             raise
         self._fd = fd
         self._members: Dict[str, _Member] = {}
+        os.lseek(fd, 0, os.SEEK_SET)
         raw = os.fdopen(os.dup(fd), "rb")
         try:
             try:

@@ -132,8 +132,9 @@ class Blobs:
     def path(self, digest: str) -> str:
         return self._paths.get(digest) or blob_path_for(digest)
 
-    def where(self, digest: str) -> Where:
-        return self.files.where(self.path(digest))
+    def where(self, digest: str, kind: str = "blob") -> Where:
+        w = self.files.where(self.path(digest))
+        return Where(w.filename, w.entry, f"{kind} {digest}")
 
     def _missing(self, digest: str, referrer: Optional[Where], field: Optional[str]):
         w = self.where(digest)

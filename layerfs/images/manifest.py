@@ -96,12 +96,14 @@ class Where:
     member when the file is an archive."""
     filename: str
     entry: Optional[str] = None
+    what: Optional[str] = None      # e.g. "blob sha256:..." for messages
 
     def error(self, message: str, field: Optional[str] = None) -> FormatError:
         return FormatError(message, self.filename, field=field, entry=self.entry)
 
     def __str__(self) -> str:
-        return f"{self.filename}:{self.entry}" if self.entry else self.filename
+        place = f"{self.filename}:{self.entry}" if self.entry else self.filename
+        return f"{self.what} ({place})" if self.what else place
 
 
 # --- digests -----------------------------------------------------------------------------

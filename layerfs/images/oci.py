@@ -151,7 +151,7 @@ class _Reader:
         if depth > _MAX_NESTING:
             raise referrer.error(f"indexes nested more than {_MAX_NESTING} deep", field)
         data = self.blobs.read(d, referrer, field)
-        w = self.blobs.where(d.digest)
+        w = self.blobs.where(d.digest, "index")
         idx = parse_index(data, w, d.media_type)
         best: Optional[Tuple[int, int, Descriptor, str]] = None
         available: List[str] = []
@@ -197,14 +197,14 @@ class _Reader:
     def image(self, d: Descriptor, referrer: Where, field: str) -> Optional[SourceImage]:
         """Read and check one image manifest, its config and its layer blobs' presence."""
         data = self.blobs.read(d, referrer, field)
-        mw = self.blobs.where(d.digest)
+        mw = self.blobs.where(d.digest, "manifest")
         m = parse_manifest(data, mw, d.media_type)
         if m.config.media_type not in CONFIG_TYPES:
             self.skipped.append((d, f"config media type {m.config.media_type!r} is not an "
                                     "image config"))
             return None
         config_bytes = self.blobs.read(m.config, mw, "config")
-        cw = self.blobs.where(m.config.digest)
+        cw = self.blobs.where(m.config.digest, "config")
         cfg = parse_config(config_bytes, cw)
         if len(cfg.diff_ids) != len(m.layers):
             raise cw.error(f"config has {len(cfg.diff_ids)} diff_ids but manifest {d.digest} "
