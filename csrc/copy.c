@@ -179,7 +179,12 @@ static int copy_data(cctx *c, int sfd, int dfd, const struct stat *st, const cha
         }
         if (is_unsupported(errno)) c->reflink = 0;
     }
-    if ((int64_t)st->st_blocks * 512 >= size) return copy_range(c, sfd, dfd, 0, size, path);
+    /* st_blocks cannot rule holes out (an xattr block or extent-tree blocks
+     * count too); where it has room for all the data, one SEEK_HOLE tells. */
+    if ((int64_t)st->st_blocks * 512 >= size) {
+        off_t h = lseek(sfd, 0, SEEK_HOLE);
+        if (h < 0 || h >= size) return copy_range(c, sfd, dfd, 0, size, path);
+    }
 
     /* Holes: copy the data segments only, then set the size for a trailing hole. */
     int64_t pos = 0;

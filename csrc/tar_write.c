@@ -608,6 +608,8 @@ static int write_data(tw *t, int fd, int64_t off, int64_t len, const char *path)
 static int find_segments(tw *t, int fd, int64_t size, const char *path)
 {
     t->nsegs = 0;
+    off_t first_hole = lseek(fd, 0, SEEK_HOLE);
+    if (first_hole < 0 || first_hole >= size) return 0;       /* no holes (or no way to tell) */
     int64_t pos = 0;
     while (pos < size) {
         off_t d = lseek(fd, pos, SEEK_DATA);
@@ -673,7 +675,9 @@ static int write_regular(tw *t, ent *e, int fd, const struct stat *st, const cha
     int64_t size = st->st_size;
     e->type = LFS_T_REG;
     e->size = size;
-    if (t->o.sparse && size > 0 && (int64_t)st->st_blocks * 512 < size) {
+    /* st_blocks cannot rule holes out (an xattr block or extent-tree blocks
+     * count too): look whenever sparse files are asked for. */
+    if (t->o.sparse && size > 0) {
         if ((rc = find_segments(t, fd, size, path)) < 0) return rc;
         if (t->nsegs) {
             strbuf m = {0};

@@ -201,6 +201,21 @@ def test_copy_holes_preserved(tmp_path):
         assert (src / name).read_bytes() == (tmp_path / "dst" / name).read_bytes()
 
 
+def test_copy_small_hole_with_xattr_block(tmp_path):
+    """st_blocks also counts an external xattr block: it must not hide a hole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "f"
+    with open(f, "wb") as fh:
+        fh.truncate(4096 + 100)
+        fh.write(b"\1" * 4096)
+    os.setxattr(f, "user.big", b"x" * 1500)          # does not fit in the inode
+    before = snapshot(src, holes=True)
+    assert before[b"f"]["data_map"] == [(0, 4096)]
+    copy_tree(src, tmp_path / "dst")
+    assert_same_tree(before, snapshot(tmp_path / "dst", holes=True))
+
+
 def test_copy_hardlinks_kept(tmp_path):
     src = tmp_path / "src"
     (src / "x" / "y").mkdir(parents=True)

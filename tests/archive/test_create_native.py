@@ -508,6 +508,19 @@ def test_sparse_files(tmp_path):
         assert os.stat(bsd / n).st_blocks <= os.stat(src / n).st_blocks + 8, n
 
 
+def test_sparse_small_hole_with_xattr_block(tmp_path):
+    """st_blocks also counts an external xattr block: it must not hide a hole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_sparse(src / "f", 4096 + 100, [0])
+    os.setxattr(src / "f", "user.big", b"x" * 1500)
+    m = members(create(src, sparse=True))[0]
+    assert m.sparse == [(0, 4096), (4196, 0)]
+    out = tmp_path / "out"
+    gnu_extract(tmp_path / "src.tar", out)
+    assert_same_tree(snapshot(src, holes=True), snapshot(out, holes=True))
+
+
 def test_sparse_off_writes_zeros(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
