@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import secrets
@@ -141,14 +143,42 @@ def _probe_mount(root: str, userxattr: bool) -> Optional[str]:
             return f"overlay on {root} cannot write whiteouts: {e.strerror}"
         finally:
             _mount.umount(os.path.join(tmp, "m"))
-        # d_type: readdir must say what each entry is (xfs with ftype=0 does not)
-        with os.scandir(os.path.join(tmp, "l1")) as it:
-            for e in it:
-                pass
+        if not _has_d_type(os.path.join(tmp, "l1")):
+            return (f"the filesystem of {root} does not report file types in directory "
+                    "listings (d_type), which overlay needs: use ext4, or xfs made with "
+                    "ftype=1 (mkfs.xfs -n ftype=1)")
         return None
     finally:
         with contextlib.suppress(OSError):
             remove_tree(tmp)
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def _has_d_type(path: str) -> bool:
+    """Whether readdir(3) in path says what each entry is (d_type != DT_UNKNOWN)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir64.restype = ctypes.POINTER(_Dirent)
+    libc.readdir64.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    d = libc.opendir(os.fsencode(path))
+    if not d:
+        return True  # cannot tell: let the mount decide
+    try:
+        while True:
+            ent = libc.readdir64(d)
+            if not ent:
+                return True
+            if ent.contents.d_name not in (b".", b".."):
+                return ent.contents.d_type != 0
+    finally:
+        libc.closedir(d)
 
 
 def _short_id() -> str:

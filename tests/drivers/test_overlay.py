@@ -258,3 +258,16 @@ def test_in_a_user_namespace_with_userxattr(tmp_path):
     assert out["view"] == [["d"], ["z"]]
     assert out["names"] == ["d", "d/.wh.z", "new"]
     assert out["changes"] == [["/d", "modified"], ["/d/z", "deleted"], ["/new", "added"]]
+
+
+def test_overlay_is_the_default_driver_here(tmp_path):
+    import layerfs.drivers as drivers
+    s = drivers.supported(str(tmp_path))
+    assert s["overlay"].ok and s["vfs"].ok
+    assert all(x.reason for x in s.values())
+    assert drivers.default(str(tmp_path)) == "overlay"
+    assert drivers.PRIORITY[:1] == ("overlay",) and drivers.PRIORITY[-1] == "vfs"
+
+
+def test_d_type_probe():
+    assert ov._has_d_type(str(REPO))
