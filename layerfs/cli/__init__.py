@@ -25,6 +25,7 @@ def cli():
 def _register():
     from . import archive_cmds  # noqa: F401  (commands register themselves on `cli`)
     from . import driver_cmds  # noqa: F401
+    from . import diff_cmds  # noqa: F401
 
 
 def _describe(e: BaseException) -> str:

@@ -1,0 +1,512 @@
+"""The diff engine: compare two sources' entry maps, in sorted order.
+
+>>> from layerfs.diff import compare
+>>> for c in compare("rootfs-v1", "oci:image:2.0"):           # doctest: +SKIP
+...     print(c.code, c.path, sorted(c.fields))
+M /etc/hosts ['content', 'size']
+
+What is compared (the rules of :mod:`layerfs.diff.trees`, extended to tarballs
+and images): type; permission bits (not for symlinks); uid and gid; device
+numbers; symlink target; xattrs (overlayfs' private ones excepted); for
+non-directories size and mtime (ns; a tar mtime without a sub-second part
+matches the same second); hardlink group (the other paths sharing the
+inode); for regular files the content.  Directory mtimes only with
+``dir_mtime=True``.  Content is decided by digests when a side has them
+(tarballs: computed by the C scan), else by metadata when it can (both
+directories, equal size and equal mtime with a non-zero sub-second part),
+else by reading the bytes.
+
+Shape of the answer: like :func:`~layerfs.diff.trees.compare_trees` — parents
+first, an added directory followed by every entry below it, a deleted
+directory as one record; with ``renames=True`` a deleted file and an added
+file with the same content (by digest, non-empty) become one "renamed" record.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+
+from .sources import (COARSE, IMPLICIT, OPAQUE, EntryMeta, LayerInfo, Source, SourceArg,
+                      open_source, parent_of)
+from .trees import OVERLAY_PRIVATE_XATTRS, path_key, same_content
+
+KINDS = ("added", "deleted", "modified", "renamed")
+CODES = {"added": "A", "deleted": "D", "modified": "M", "renamed": "R"}
+
+#: field names that ``ignore`` accepts ("owner" = uid and gid, "xattr" = every
+#: xattr, "xattr:NAME" one of them, NAME may be a glob).
+IGNORABLE = ("mtime", "uid", "gid", "owner", "mode", "xattr", "content", "size", "linkname",
+             "rdev", "hardlinks", "opaque")
+SEMANTIC_IGNORE = frozenset({"mtime"})
+
+
+@dataclass
+class Change:
+    """One difference between two sources.
+
+    path: "/etc/hosts"; kind: "added", "deleted", "modified" or "renamed";
+    type: the entry's type on the new side (the old side for "deleted");
+    fields: for "modified" (and "renamed"), each differing field -> (old, new):
+    "type", "mode", "uid", "gid", "rdev", "size", "mtime" (ns), "linkname",
+    "xattr:NAME" (bytes or None), "content" (digests), "hardlinks" (tuples of
+    the other paths of the group), "opaque"; old/new: the entries; old_path:
+    where a renamed file was; hardlinks: the other paths of the new entry's
+    hardlink group; layer: the new side's layer that wrote the entry (or
+    whose whiteout deleted it); old_layer: the old side's layer that wrote it.
+    """
+    path: str
+    kind: str
+    type: str
+    fields: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)
+    old: Optional[EntryMeta] = None
+    new: Optional[EntryMeta] = None
+    old_path: Optional[str] = None
+    hardlinks: Tuple[str, ...] = ()
+    layer: Optional[LayerInfo] = None
+    old_layer: Optional[LayerInfo] = None
+
+    @property
+    def code(self) -> str:
+        """A, D, M, R, or T for a "modified" whose type changed."""
+        if self.kind == "modified" and "type" in self.fields:
+            return "T"
+        return CODES[self.kind]
+
+    @property
+    def old_size(self) -> Optional[int]:
+        return self.old.size if self.old is not None and self.old.type == "file" else None
+
+    @property
+    def new_size(self) -> Optional[int]:
+        return self.new.size if self.new is not None and self.new.type == "file" else None
+
+
+@dataclass
+class Summary:
+    added: int = 0
+    deleted: int = 0
+    modified: int = 0
+    type_changed: int = 0
+    renamed: int = 0
+    bytes_added: int = 0
+    bytes_removed: int = 0
+
+    @property
+    def changes(self) -> int:
+        return self.added + self.deleted + self.modified + self.type_changed + self.renamed
+
+    def as_dict(self) -> Dict[str, int]:
+        d = dict(self.__dict__)
+        d["changes"] = self.changes
+        return d
+
+
+@dataclass(frozen=True)
+class Options:
+    ignore: FrozenSet[str] = frozenset()
+    ignore_xattrs: Tuple[str, ...] = ()         # globs of xattr names
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    dir_mtime: bool = False
+    renames: bool = False
+    semantic: bool = False
+
+    @classmethod
+    def make(cls, *, ignore: Iterable[str] = (), include: Iterable[str] = (),
+             exclude: Iterable[str] = (), dir_mtime: bool = False, renames: bool = False,
+             semantic: bool = False) -> "Options":
+        names = set()
+        xattrs = []
+        for item in ignore:
+            for part in str(item).split(","):
+                part = part.strip()
+                if not part:
+                    continue
+                if part.startswith("xattr:"):
+                    xattrs.append(part[6:])
+                    continue
+                if part in ("xattrs",):
+                    part = "xattr"
+                if part not in IGNORABLE:
+                    raise ValueError(f"cannot ignore {part!r}; one of: {', '.join(IGNORABLE)}, "
+                                     "xattr:NAME")
+                if part == "owner":
+                    names.update(("uid", "gid"))
+                else:
+                    names.add(part)
+        if semantic:
+            names |= SEMANTIC_IGNORE
+        return cls(frozenset(names), tuple(xattrs), tuple(include), tuple(exclude),
+                   dir_mtime and "mtime" not in names, renames, semantic)
+
+
+# ----------------------------------------------------------------- path filters
+
+def _glob_match(pattern: str, path: str) -> bool:
+    """A pattern with a "/" matches the path (or an ancestor); one without
+    matches any component name."""
+    if "/" in pattern.rstrip("/"):
+        pat = "/" + pattern.strip("/")
+        p = path
+        while p:
+            if fnmatch.fnmatchcase(p, pat):
+                return True
+            p = parent_of(p) if p != "/" else ""
+        return False
+    pat = pattern.strip("/")
+    return any(fnmatch.fnmatchcase(c, pat) for c in path.split("/") if c)
+
+
+def _wanted(path: str, opts: Options) -> bool:
+    if opts.exclude and any(_glob_match(p, path) for p in opts.exclude):
+        return False
+    if opts.include and path != "/":
+        return any(_glob_match(p, path) for p in opts.include)
+    return True
+
+
+# ----------------------------------------------------------------- comparing two entries
+
+def _mtime_differs(a: EntryMeta, b: EntryMeta) -> bool:
+    if a.mtime_ns == b.mtime_ns:
+        return False
+    if (a.flags | b.flags) & COARSE and \
+            ((a.flags & COARSE and a.mtime_ns % 1_000_000_000 == 0) or
+             (b.flags & COARSE and b.mtime_ns % 1_000_000_000 == 0)):
+        # a tar header without sub-second part: the same second is the same time
+        return a.mtime_ns // 1_000_000_000 != b.mtime_ns // 1_000_000_000
+    return True
+
+
+def _xattr_ignored(name: str, opts: Options) -> bool:
+    if name.startswith(OVERLAY_PRIVATE_XATTRS):
+        return True
+    return any(fnmatch.fnmatchcase(name, p) for p in opts.ignore_xattrs)
+
+
+class _Side:
+    """A source and its hardlink groups."""
+
+    def __init__(self, src: Source):
+        self.src = src
+        self.entries = src.entries()
+        self._groups: Optional[Dict[Any, List[str]]] = None
+
+    def groups(self) -> Dict[Any, List[str]]:
+        if self._groups is None:
+            g: Dict[Any, List[str]] = {}
+            for p, m in self.entries.items():
+                if m.link is not None:
+                    g.setdefault(m.link, []).append(p)
+            self._groups = {k: sorted(v) for k, v in g.items() if len(v) > 1}
+        return self._groups
+
+    def others(self, path: str, m: Optional[EntryMeta]) -> Tuple[str, ...]:
+        if m is None or m.link is None:
+            return ()
+        group = self.groups().get(m.link)
+        if not group:
+            return ()
+        return tuple(p for p in group if p != path)
+
+
+def _same_content(a: _Side, b: _Side, ea: EntryMeta, eb: EntryMeta, opts: Options) -> bool:
+    if ea.inode is not None and ea.inode == eb.inode:
+        return True
+    if ea.digest is not None and eb.digest is not None:
+        return ea.digest == eb.digest
+    if ea.size == 0:
+        return True
+    if (ea.content is not None and eb.content is not None and "mtime" not in opts.ignore
+            and ea.mtime_ns == eb.mtime_ns and ea.mtime_ns % 1_000_000_000 != 0):
+        return True       # equal size and an untruncated mtime: metadata decides
+    if ea.digest is not None or eb.digest is not None:
+        da, db = a.src.digest(ea), b.src.digest(eb)
+        if da is None or db is None:
+            return True   # one side cannot be read again: nothing more to tell
+        return da == db
+    if ea.content is not None and eb.content is not None:
+        return same_content(ea.content, eb.content)
+    return True
+
+
+def compare_meta(a: _Side, b: _Side, path: str, ea: EntryMeta, eb: EntryMeta,
+                 opts: Options) -> Dict[str, Tuple[Any, Any]]:
+    """The differing fields of two entries of the same path ({} when none)."""
+    if ea.type != eb.type:
+        return {"type": (ea.type, eb.type)}
+    if ea.type == "whiteout":
+        return {}
+    if (ea.flags | eb.flags) & IMPLICIT:
+        return {}            # a directory no entry described: only its existence counts
+    f: Dict[str, Tuple[Any, Any]] = {}
+    ign = opts.ignore
+    t = ea.type
+    if t != "symlink" and ea.mode != eb.mode and "mode" not in ign:
+        f["mode"] = (ea.mode, eb.mode)
+    if ea.uid != eb.uid and "uid" not in ign:
+        f["uid"] = (ea.uid, eb.uid)
+    if ea.gid != eb.gid and "gid" not in ign:
+        f["gid"] = (ea.gid, eb.gid)
+    if t in ("char", "block") and ea.rdev != eb.rdev and "rdev" not in ign:
+        f["rdev"] = (ea.rdev, eb.rdev)
+    if t == "file" and ea.size != eb.size and "size" not in ign:
+        f["size"] = (ea.size, eb.size)
+    if (t != "dir" or opts.dir_mtime) and "mtime" not in ign and _mtime_differs(ea, eb):
+        f["mtime"] = (ea.mtime_ns, eb.mtime_ns)
+    if t == "symlink" and ea.linkname != eb.linkname and "linkname" not in ign:
+        f["linkname"] = (ea.linkname, eb.linkname)
+    if ea.xattrs != eb.xattrs and "xattr" not in ign:
+        xa, xb = ea.xattrs, eb.xattrs
+        for name in sorted(set(xa) | set(xb)):
+            if xa.get(name) != xb.get(name) and not _xattr_ignored(name, opts):
+                f["xattr:" + name] = (xa.get(name), xb.get(name))
+    if (ea.flags ^ eb.flags) & OPAQUE and "opaque" not in ign:
+        f["opaque"] = (bool(ea.flags & OPAQUE), bool(eb.flags & OPAQUE))
+    if (ea.link is not None or eb.link is not None) and "hardlinks" not in ign:
+        oa, ob = a.others(path, ea), b.others(path, eb)
+        if oa != ob:
+            f["hardlinks"] = (oa, ob)
+    if t == "file" and "content" not in ign:
+        if ea.size != eb.size or not _same_content(a, b, ea, eb, opts):
+            f["content"] = (a.src.digest(ea), b.src.digest(eb))
+    return f
+
+
+# ----------------------------------------------------------------- the merge
+
+def _load_both(a: Source, b: Source) -> Tuple[_Side, _Side]:
+    """Build both maps, at the same time (the C scans release the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(a.entries)
+        fb = pool.submit(b.entries)
+        fa.result()
+        fb.result()
+    return _Side(a), _Side(b)
+
+
+class Diff:
+    """The changes from ``old`` to ``new`` (iterate once); ``summary`` counts
+    them as they go (complete once the iteration ends)."""
+
+    def __init__(self, old: Source, new: Source, options: Options):
+        self.old = old
+        self.new = new
+        self.options = options
+        self.summary = Summary()
+        self._seen_add: set = set()
+        self._seen_del: set = set()
+
+    # bytes, each hardlink group once ------------------------------------
+    def _count_removed(self, m: Optional[EntryMeta]) -> None:
+        if m is None or m.type != "file":
+            return
+        if m.link is not None:
+            if m.link in self._seen_del:
+                return
+            self._seen_del.add(m.link)
+        self.summary.bytes_removed += m.size
+
+    def _count_added(self, m: Optional[EntryMeta]) -> None:
+        if m is None or m.type != "file":
+            return
+        if m.link is not None:
+            if m.link in self._seen_add:
+                return
+            self._seen_add.add(m.link)
+        self.summary.bytes_added += m.size
+
+    def _record(self, a: _Side, b: _Side, path: str, kind: str, old, new,
+                fields=None) -> Change:
+        t = (new or old).type
+        c = Change(path, kind, t, fields or {}, old, new)
+        c.hardlinks = b.others(path, new) if new is not None else a.others(path, old)
+        if new is not None:
+            c.layer = b.src.layer_info(new.layer)
+        elif b.src.layers:
+            c.layer = b.src.layer_info(b.src.deleting_layer(path))
+        if old is not None:
+            c.old_layer = a.src.layer_info(old.layer)
+        s = self.summary
+        if kind == "added":
+            s.added += 1
+            self._count_added(new)
+        elif kind == "deleted":
+            s.deleted += 1
+            self._count_removed(old)
+        elif "type" in c.fields:
+            s.type_changed += 1
+            self._count_removed(old)
+            self._count_added(new)
+        else:
+            s.modified += 1
+            if "content" in c.fields:
+                self._count_removed(old)
+                self._count_added(new)
+        return c
+
+    def _merge(self) -> Iterator[Change]:
+        opts = self.options
+        a, b = _load_both(self.old, self.new)
+        self._sides = (a, b)
+        ka = sorted(a.entries, key=path_key)
+        kb = sorted(b.entries, key=path_key)
+        ea_map, eb_map = a.entries, b.entries
+        skip_old: Optional[str] = None      # a deleted (or replaced) directory's subtree
+        i = j = 0
+        na, nb = len(ka), len(kb)
+        while i < na or j < nb:
+            if j >= nb:
+                p, side = ka[i], "old"
+            elif i >= na:
+                p, side = kb[j], "new"
+            else:
+                pa, pb = ka[i], kb[j]
+                if pa == pb:
+                    p, side = pa, "both"
+                elif path_key(pa) < path_key(pb):
+                    p, side = pa, "old"
+                else:
+                    p, side = pb, "new"
+            if side == "old":
+                i += 1
+                if skip_old is not None and p.startswith(skip_old):
+                    self._count_removed(ea_map[p])
+                    continue
+                old = ea_map[p]
+                if old.type == "dir":
+                    skip_old = p.rstrip("/") + "/"
+                if not _wanted(p, opts):
+                    continue
+                yield self._record(a, b, p, "deleted", old, None)
+                continue
+            if side == "new":
+                j += 1
+                new = eb_map[p]
+                if not _wanted(p, opts):
+                    continue
+                if new.type == "whiteout":
+                    yield self._record(a, b, p, "deleted", None, new)
+                    continue
+                yield self._record(a, b, p, "added", None, new)
+                continue
+            i += 1
+            j += 1
+            old, new = ea_map[p], eb_map[p]
+            if old.type == "dir" and new.type != "dir":
+                skip_old = p.rstrip("/") + "/"
+            if not _wanted(p, opts):
+                continue
+            if new.type == "whiteout" and old.type != "whiteout":
+                yield self._record(a, b, p, "deleted", old, new)
+                continue
+            fields = compare_meta(a, b, p, old, new, opts)
+            if fields:
+                yield self._record(a, b, p, "modified", old, new, fields)
+
+    def _with_renames(self, changes: List[Change]) -> List[Change]:
+        a, b = self._sides
+        a_src, b_src = self.old, self.new
+        deleted: Dict[int, List[int]] = {}
+        for idx, c in enumerate(changes):
+            if c.kind == "deleted" and c.old is not None and c.old.type == "file" \
+                    and c.old.size > 0:
+                deleted.setdefault(c.old.size, []).append(idx)
+        if not deleted:
+            return changes
+        by_digest: Dict[Tuple[int, int], List[Optional[str]]] = {}
+        used: set = set()
+        out_replace: Dict[int, Change] = {}
+        drop: set = set()
+        for idx, c in enumerate(changes):
+            if c.kind != "added" or c.new is None or c.new.type != "file":
+                continue
+            cands = deleted.get(c.new.size)
+            if not cands:
+                continue
+            dn = b_src.digest(c.new)
+            if dn is None:
+                continue
+            match = None
+            for k in cands:
+                if k in used:
+                    continue
+                key = (c.new.size, k)
+                if key not in by_digest:
+                    by_digest[key] = [a_src.digest(changes[k].old)]  # type: ignore[arg-type]
+                if by_digest[key][0] == dn:
+                    match = k
+                    break
+            if match is None:
+                continue
+            used.add(match)
+            d = changes[match]
+            fields = compare_meta(a, b, c.path, d.old, c.new, self.options)
+            fields.pop("hardlinks", None)
+            r = Change(c.path, "renamed", c.new.type, fields, d.old, c.new, d.path,
+                       c.hardlinks, c.layer, d.old_layer)
+            out_replace[idx] = r
+            drop.add(match)
+            s = self.summary
+            s.added -= 1
+            s.deleted -= 1
+            s.renamed += 1
+            s.bytes_added -= c.new.size
+            s.bytes_removed -= d.old.size
+        return [out_replace.get(i, c) for i, c in enumerate(changes) if i not in drop]
+
+    def __iter__(self) -> Iterator[Change]:
+        if not self.options.renames:
+            yield from self._merge()
+            return
+        changes = self._with_renames(list(self._merge()))
+        yield from changes
+
+
+def compare(old: SourceArg, new: SourceArg, *, view: Optional[str] = None,
+            old_view: Optional[str] = None, new_view: Optional[str] = None,
+            ignore: Iterable[str] = (), include: Iterable[str] = (),
+            exclude: Iterable[str] = (), semantic: bool = False, dir_mtime: bool = False,
+            renames: bool = False) -> Diff:
+    """The changes from ``old`` to ``new``: an iterable of :class:`Change`, parents first.
+
+    old, new: a :class:`~layerfs.diff.sources.Source`, a path (directory, layer
+    tarball, OCI layout or docker-archive, detected) or a prefixed spec
+    (``oci:PATH:TAG``, ``docker-archive:PATH:REF``, ``dir:``, ``layer:``,
+    ``upper:``, ``store:``; ``#N`` picks layer N).  view / old_view / new_view:
+    "effective" (default) or "raw".  ignore: field names (see IGNORABLE) and
+    "xattr:NAME" globs; semantic: ignore what reproducible builds do not care
+    about (mtimes; owner names, entry order, compression and tar format never
+    count); include / exclude: path globs (a pattern without "/" matches any
+    component); renames: pair deleted and added files of equal content.
+    """
+    a = open_source(old, old_view or view)
+    b = open_source(new, new_view or view)
+    opts = Options.make(ignore=ignore, include=include, exclude=exclude, dir_mtime=dir_mtime,
+                        renames=renames, semantic=semantic)
+    return Diff(a, b, opts)
+
+
+def compare_sources(old: Source, new: Source, options: Optional[Options] = None) -> Diff:
+    return Diff(old, new, options or Options())
+
+
+def as_layer_changes(changes: Iterable[Change]) -> List[Tuple[str, str]]:
+    """(path, kind) pairs for :func:`layerfs.archive.create_layer`: a rename is
+    a deletion of the old path and the new path written."""
+    out: List[Tuple[str, str]] = []
+    for c in changes:
+        if c.kind == "renamed":
+            out.append((c.old_path or c.path, "deleted"))
+            out.append((c.path, "added"))
+        elif c.kind == "deleted":
+            out.append((c.path, "deleted"))
+        else:
+            out.append((c.path, c.kind))
+    return out
+
+
+__all__ = ["Change", "Diff", "IGNORABLE", "Options", "Summary", "as_layer_changes", "compare",
+           "compare_meta", "compare_sources"]

@@ -1,0 +1,893 @@
+"""Sources for the diff engine: anything that holds a tree of files.
+
+A :class:`Source` gives a map ``path -> EntryMeta`` (metadata only, never file
+content) in one of two views:
+
+``effective``
+    what a container would see: layers applied in order, whiteouts resolved.
+    The default for everything.
+``raw``
+    a layer's own entries: whiteouts appear as entries of type ``"whiteout"``,
+    opaque directories carry ``opaque=True``.
+
+Kinds of source (:func:`open_source` detects them, or takes a prefix):
+
+==================  =====================================================
+``dir:PATH``        a directory, walked with lstat; content hashed lazily
+``layer:PATH``      a layer tarball (plain, gzip, zstd) listed by the C core
+                    without extracting (``lfs_scan``), content digests included
+``oci:PATH[:TAG]``  an OCI image layout (directory or tar)
+``docker-archive:PATH[:REF]``  a ``docker save`` tarball
+``upper:PATH``      an overlay upper directory (char 0:0 whiteouts, opaque
+                    xattrs); raw view by default
+``store:REF``       an image or layer in a layerfs store (see :func:`register_transport`)
+==================  =====================================================
+
+A ``#N`` suffix on an image or layer stack picks layer N (0 is the bottom,
+-1 the top): the effective view of the layers up to N, or the raw view of
+layer N.
+
+Memory is O(entries): each entry is one slotted :class:`EntryMeta`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import os
+import re
+import stat
+import tarfile
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set,
+                    Tuple, Union)
+
+from .. import _native
+from ..archive._io import open_source as _open_stream
+from ..errors import LayerError, NotFound, NotSupported
+from .trees import OVERLAY_PRIVATE_XATTRS, path_key, read_xattrs, type_name
+
+EFFECTIVE, RAW = "effective", "raw"
+VIEWS = (EFFECTIVE, RAW)
+
+# EntryMeta.flags
+IMPLICIT = 1        # a directory no entry described (parent of an entry of a tar)
+OPAQUE = 2          # raw view: an opaque directory (lower contents hidden)
+COARSE = 4          # mtime from a tar header without sub-second part: may be truncated
+
+_TAR_TYPES = {"0": "file", "2": "symlink", "3": "char", "4": "block", "5": "dir", "6": "fifo"}
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"
+
+
+class EntryMeta:
+    """The metadata of one entry of a tree.
+
+    type: "file", "dir", "symlink", "char", "block", "fifo", "socket", or
+    "whiteout" (raw views); mode: permission bits (07777); size: bytes of a
+    regular file (0 otherwise); mtime_ns: modification time in ns; linkname:
+    symlink target; rdev: (major, minor) of a device; xattrs: name -> bytes;
+    digest: "sha256:<hex>" of a regular file's content when known; content:
+    the file to read it from (directory sources); link: hardlink group key
+    (entries with the same key share one inode); layer: index of the layer
+    that last wrote the entry (image sources); inode: (dev, ino) of a
+    directory source's entry; flags: IMPLICIT, OPAQUE, COARSE.
+    """
+    __slots__ = ("type", "mode", "uid", "gid", "size", "mtime_ns", "linkname", "rdev",
+                 "xattrs", "digest", "content", "link", "layer", "inode", "flags")
+
+    def __init__(self, type: str, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0,
+                 mtime_ns: int = 0, linkname: str = "", rdev: Optional[Tuple[int, int]] = None,
+                 xattrs: Optional[Dict[str, bytes]] = None, digest: Optional[str] = None,
+                 content: Optional[bytes] = None, link: Any = None, layer: Optional[int] = None,
+                 inode: Optional[Tuple[int, int]] = None, flags: int = 0):
+        self.type = type
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.linkname = linkname
+        self.rdev = rdev
+        self.xattrs = xattrs if xattrs is not None else {}
+        self.digest = digest
+        self.content = content
+        self.link = link
+        self.layer = layer
+        self.inode = inode
+        self.flags = flags
+
+    def copy(self, **changes) -> "EntryMeta":
+        m = EntryMeta.__new__(EntryMeta)
+        for k in EntryMeta.__slots__:
+            setattr(m, k, changes[k] if k in changes else getattr(self, k))
+        return m
+
+    @property
+    def implicit(self) -> bool:
+        return bool(self.flags & IMPLICIT)
+
+    @property
+    def opaque(self) -> bool:
+        return bool(self.flags & OPAQUE)
+
+    def as_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"type": self.type}
+        if self.type not in ("whiteout",):
+            d.update(mode=self.mode, uid=self.uid, gid=self.gid, mtime_ns=self.mtime_ns)
+        if self.type == "file":
+            d["size"] = self.size
+            if self.digest:
+                d["digest"] = self.digest
+        if self.type == "symlink":
+            d["linkname"] = self.linkname
+        if self.rdev is not None and self.type in ("char", "block"):
+            d["rdev"] = list(self.rdev)
+        if self.xattrs:
+            import base64
+            d["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+        if self.layer is not None:
+            d["layer"] = self.layer
+        if self.flags & OPAQUE:
+            d["opaque"] = True
+        if self.flags & IMPLICIT:
+            d["implicit"] = True
+        return d
+
+    def __repr__(self) -> str:
+        return f"EntryMeta({self.as_dict()!r})"
+
+
+class LayerInfo:
+    """One layer of a stack: where it comes from and what the image says of it."""
+    __slots__ = ("index", "name", "digest", "diff_id", "size", "tar_size", "media_type",
+                 "created_by", "comment", "created", "_open")
+
+    def __init__(self, index: int, name: str, open: Callable[[], Any], *,
+                 digest: Optional[str] = None, diff_id: Optional[str] = None,
+                 size: Optional[int] = None, media_type: Optional[str] = None,
+                 created_by: Optional[str] = None, comment: Optional[str] = None,
+                 created: Optional[str] = None):
+        self.index = index
+        self.name = name
+        self._open = open
+        self.digest = digest
+        self.diff_id = diff_id
+        self.size = size
+        self.tar_size: Optional[int] = None
+        self.media_type = media_type
+        self.created_by = created_by
+        self.comment = comment
+        self.created = created
+
+    def open(self):
+        """A path or a binary stream of the layer blob (compressed or not)."""
+        return self._open()
+
+    def as_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"index": self.index}
+        for k in ("digest", "diff_id", "size", "tar_size", "media_type", "created_by",
+                  "comment", "created"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        return d
+
+
+# ----------------------------------------------------------------- paths
+
+def norm_path(name: str) -> str:
+    """A tar member name or relative path as "/a/b" ("/" for the root)."""
+    parts = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(p)
+    return "/" + "/".join(parts)
+
+
+def parent_of(path: str) -> str:
+    if path == "/":
+        return ""
+    i = path.rfind("/")
+    return path[:i] or "/"
+
+
+def sort_paths(paths: Iterable[str]) -> List[str]:
+    """Paths in the engine's order: parents first, then entries by name (bytes)."""
+    return sorted(paths, key=path_key)
+
+
+# ----------------------------------------------------------------- the tree of a stack
+
+class Tree:
+    """An effective tree being built: path -> EntryMeta, plus each directory's
+    children, so that removing a subtree costs the size of the subtree."""
+
+    def __init__(self):
+        self.entries: Dict[str, EntryMeta] = {}
+        self.children: Dict[str, Set[str]] = {}
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def get(self, path: str) -> Optional[EntryMeta]:
+        return self.entries.get(path)
+
+    def _link_child(self, path: str) -> None:
+        if path == "/":
+            return
+        self.children.setdefault(parent_of(path), set()).add(path)
+
+    def ensure_parents(self, path: str, layer: Optional[int]) -> List[str]:
+        """Create the missing directories above path as implicit ones (as an
+        extraction would); a non-directory in the way is replaced."""
+        made = []
+        p = parent_of(path)
+        missing = []
+        while p:
+            m = self.entries.get(p)
+            if m is not None and m.type == "dir":
+                break
+            missing.append(p)
+            p = parent_of(p)
+        for p in reversed(missing):
+            if p in self.entries:
+                self.remove(p)
+            self.entries[p] = EntryMeta("dir", 0o755, layer=layer, flags=IMPLICIT)
+            self._link_child(p)
+            made.append(p)
+        return made
+
+    def remove(self, path: str) -> List[Tuple[str, EntryMeta]]:
+        """Remove path and everything below it; returns what was removed."""
+        out: List[Tuple[str, EntryMeta]] = []
+        m = self.entries.pop(path, None)
+        if m is None:
+            return out
+        if path != "/":
+            sib = self.children.get(parent_of(path))
+            if sib is not None:
+                sib.discard(path)
+        out.append((path, m))
+        stack = [path]
+        while stack:
+            d = stack.pop()
+            kids = self.children.pop(d, None)
+            if not kids:
+                continue
+            for k in kids:
+                km = self.entries.pop(k, None)
+                if km is not None:
+                    out.append((k, km))
+                    stack.append(k)
+        return out
+
+    def remove_children(self, path: str) -> List[Tuple[str, EntryMeta]]:
+        out: List[Tuple[str, EntryMeta]] = []
+        for k in list(self.children.get(path, ())):
+            out.extend(self.remove(k))
+        return out
+
+    def put(self, path: str, meta: EntryMeta) -> List[Tuple[str, EntryMeta]]:
+        """Set path to meta; returns the entries it replaced (a directory
+        replaced by a non-directory takes its subtree along; a directory over a
+        directory keeps the children)."""
+        old = self.entries.get(path)
+        replaced: List[Tuple[str, EntryMeta]] = []
+        if old is not None:
+            if old.type == "dir" and meta.type == "dir":
+                replaced.append((path, old))
+            else:
+                replaced.extend(self.remove(path))
+        self.entries[path] = meta
+        self._link_child(path)
+        return replaced
+
+
+class FoldObserver:
+    """Hooks called while layers are folded (see :mod:`layerfs.diff.layers`)."""
+
+    def removed(self, layer: int, path: str, old: EntryMeta, new: Optional[EntryMeta],
+                whiteout: bool) -> None:
+        """old (at path) left the tree because layer wrote new over it (or a
+        whiteout / opaque directory removed it, new None)."""
+
+    def added(self, layer: int, path: str, new: EntryMeta, existed: bool) -> None:
+        """layer wrote new at path (existed: something was there before)."""
+
+
+def _scan_meta(e: "_native.ScanEntry", layer: Optional[int]) -> EntryMeta:
+    t = _TAR_TYPES.get(e.type)
+    if t is None:
+        t = "hardlink" if e.type == "1" else "unknown"
+    flags = COARSE if e.mtime_nsec == 0 else 0
+    rdev = (e.devmajor, e.devminor) if t in ("char", "block") else None
+    return EntryMeta(t, e.mode & 0o7777, e.uid, e.gid, e.size if t == "file" else 0,
+                     e.mtime_sec * 1_000_000_000 + e.mtime_nsec,
+                     e.linkname if t in ("symlink", "hardlink") else "", rdev,
+                     e.xattrs or None, e.digest, None, None, layer, None, flags)
+
+
+def scan_layer(layer: LayerInfo) -> List["_native.ScanEntry"]:
+    """The entries of one layer blob (C core; content hashed, nothing extracted)."""
+    src = layer.open()
+    try:
+        with _open_stream(src) as (fd, name):
+            entries, digests = _native.scan(fd, name=layer.name or name)
+    finally:
+        close = getattr(src, "close", None)
+        if close is not None:
+            close()
+    if layer.diff_id is None:
+        layer.diff_id = digests.diff_id
+    if layer.digest is None:
+        layer.digest = digests.digest
+    if layer.size is None:
+        layer.size = digests.compressed_size
+    layer.tar_size = digests.tar_size
+    return entries
+
+
+def _classify(entries: List["_native.ScanEntry"], index: int):
+    """Split a layer's entries: (whiteout targets, opaque dirs, [(path, meta)])."""
+    whiteouts: List[str] = []
+    opaques: List[str] = []
+    items: List[Tuple[str, EntryMeta]] = []
+    for e in entries:
+        path = norm_path(e.path)
+        base = path.rsplit("/", 1)[1]
+        if base.startswith(WH_PREFIX):
+            d = parent_of(path)
+            if base == WH_OPAQUE:
+                opaques.append(d)
+            elif base.startswith(WH_PREFIX + WH_PREFIX):
+                pass                      # AUFS private metadata (.wh..wh.plnk, ...)
+            else:
+                whiteouts.append((d.rstrip("/") + "/" + base[len(WH_PREFIX):]))
+            continue
+        m = _scan_meta(e, index)
+        if m.type == "hardlink":
+            m.linkname = norm_path(m.linkname)
+        items.append((path, m))
+    return whiteouts, opaques, items
+
+
+def fold_layer(tree: Tree, entries: List["_native.ScanEntry"], index: int,
+               observer: Optional[FoldObserver] = None,
+               deleted_by: Optional[Dict[str, int]] = None) -> None:
+    """Apply one layer's entries to tree (OCI semantics: the layer's whiteouts
+    and opaque directories act on the lower layers only, wherever they stand
+    in the archive; then entries in archive order, later duplicates winning)."""
+    whiteouts, opaques, items = _classify(entries, index)
+    for target in whiteouts:
+        gone = tree.remove(target)
+        if gone and deleted_by is not None:
+            deleted_by[target] = index
+        if observer is not None:
+            for p, m in gone:
+                observer.removed(index, p, m, None, True)
+    for d in opaques:
+        gone = tree.remove_children(d)
+        if deleted_by is not None:
+            for p, m in gone:
+                if parent_of(p) == d:
+                    deleted_by[p] = index
+        if observer is not None:
+            for p, m in gone:
+                observer.removed(index, p, m, None, True)
+    for path, m in items:
+        if m.type == "hardlink":
+            target = tree.get(m.linkname)
+            if target is None or target.type == "dir":
+                raise LayerError(errno.ENOENT, f"hardlink to missing {m.linkname}",
+                                 None, entry=path)
+            if target.link is None:
+                target.link = (index, m.linkname)
+            # a hardlink shares the target's inode: its metadata and content
+            m = target.copy(layer=index, flags=target.flags)
+        elif m.type == "file":
+            m.link = (index, path)     # this copy of the content (shared by hardlinks)
+        if path != "/":
+            for p in tree.ensure_parents(path, index):
+                if observer is not None:
+                    observer.added(index, p, tree.entries[p], False)
+        existed = path in tree.entries
+        gone = tree.put(path, m)
+        if observer is not None:
+            for p, old in gone:
+                observer.removed(index, p, old, m if p == path else None, False)
+            observer.added(index, path, m, existed)
+    if "/" not in tree.entries:
+        tree.entries["/"] = EntryMeta("dir", 0o755, layer=index, flags=IMPLICIT)
+
+
+def raw_layer_map(entries: List["_native.ScanEntry"], index: int) -> Dict[str, EntryMeta]:
+    """A layer's own entries: whiteouts as "whiteout" entries, opaque dirs flagged."""
+    whiteouts, opaques, items = _classify(entries, index)
+    tree = Tree()
+    for path, m in items:
+        if m.type == "hardlink":
+            target = tree.get(m.linkname)
+            if target is not None and target.type != "dir":
+                if target.link is None:
+                    target.link = (index, m.linkname)
+                m = target.copy()
+        elif m.type == "file":
+            m.link = (index, path)
+        tree.ensure_parents(path, index)
+        tree.put(path, m)
+    for target in whiteouts:
+        tree.ensure_parents(target, index)
+        tree.put(target, EntryMeta("whiteout", layer=index))
+    for d in opaques:
+        m = tree.get(d)
+        if m is None or m.type != "dir":
+            tree.ensure_parents(d, index)
+            m = EntryMeta("dir", 0o755, layer=index, flags=IMPLICIT)
+            tree.put(d, m)
+        m.flags |= OPAQUE
+    if "/" not in tree.entries:
+        tree.entries["/"] = EntryMeta("dir", 0o755, layer=index, flags=IMPLICIT)
+    return tree.entries
+
+
+# ----------------------------------------------------------------- sources
+
+class Source:
+    """Base class: something that yields a map of entries.
+
+    Subclasses implement :meth:`_load`.  ``kind`` names the container
+    ("dir", "layer", "oci", "docker-archive", "upper", "store"); ``layers``
+    lists the layers of a stack (empty for directories); ``deleted_by`` maps
+    a path removed by a whiteout to the index of that layer (effective views
+    of stacks).
+    """
+    kind = "source"
+
+    def __init__(self, name: str, view: Optional[str] = None):
+        if view is not None and view not in VIEWS:
+            raise ValueError(f"unknown view {view!r} (effective, raw)")
+        self.name = name
+        self.view = view or self.default_view
+        self._entries: Optional[Dict[str, EntryMeta]] = None
+        self.deleted_by: Dict[str, int] = {}
+        self.layers: List[LayerInfo] = []
+
+    default_view = EFFECTIVE
+
+    def entries(self) -> Dict[str, EntryMeta]:
+        """path -> EntryMeta of the whole tree (built once)."""
+        if self._entries is None:
+            self._entries = self._load()
+        return self._entries
+
+    def _load(self) -> Dict[str, EntryMeta]:
+        raise NotImplementedError
+
+    # content -------------------------------------------------------------
+    def digest(self, meta: EntryMeta) -> Optional[str]:
+        """sha256 of a regular file's content (computed once, for directory sources)."""
+        if meta.digest is None and meta.content is not None:
+            meta.digest = _hash_file(meta.content)
+        return meta.digest
+
+    def open_content(self, meta: EntryMeta) -> Optional[BinaryIO]:
+        """The content of a regular file, when the source can read it again."""
+        if meta.content is not None:
+            return open(meta.content, "rb")
+        return None
+
+    def layer_info(self, index: Optional[int]) -> Optional[LayerInfo]:
+        if index is None or not self.layers or not 0 <= index < len(self.layers):
+            return None
+        return self.layers[index]
+
+    def deleting_layer(self, path: str) -> Optional[int]:
+        """The layer whose whiteout removed path (or an ancestor), if known."""
+        if not self.deleted_by:
+            return None
+        p = path
+        while p:
+            i = self.deleted_by.get(p)
+            if i is not None:
+                return i
+            p = parent_of(p)
+        return None
+
+    def describe(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"name": self.name, "kind": self.kind, "view": self.view}
+        if self.layers:
+            d["layers"] = [l.as_dict() for l in self.layers]
+        return d
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.view}>"
+
+
+def _hash_file(path: bytes) -> Optional[str]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _native.sha256_fd(fd, os.fsdecode(path))[0]
+    finally:
+        os.close(fd)
+
+
+class DirectorySource(Source):
+    """A directory tree, walked with lstat (no recursion limit); xattrs read
+    with the walk, content only when the engine asks (:meth:`digest`)."""
+    kind = "dir"
+    overlay = False
+
+    def __init__(self, path, view: Optional[str] = None, name: Optional[str] = None):
+        self.path = os.fsencode(path).rstrip(b"/") or b"/"
+        super().__init__(name or os.fsdecode(path), view)
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", os.fsdecode(path))
+
+    def _meta(self, full: bytes, st: os.stat_result) -> EntryMeta:
+        fmt = stat.S_IFMT(st.st_mode)
+        t = type_name(st.st_mode)
+        m = EntryMeta(t, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                      st.st_size if fmt == stat.S_IFREG else 0, st.st_mtime_ns,
+                      inode=(st.st_dev, st.st_ino))
+        if fmt == stat.S_IFREG:
+            m.content = full
+            if st.st_nlink > 1:
+                m.link = (st.st_dev, st.st_ino)
+        elif fmt == stat.S_IFLNK:
+            m.linkname = os.fsdecode(os.readlink(full))
+            m.mode = 0o777
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            m.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        elif fmt != stat.S_IFDIR and st.st_nlink > 1:
+            m.link = (st.st_dev, st.st_ino)
+        m.xattrs = read_xattrs(full)
+        return m
+
+    def _load(self) -> Dict[str, EntryMeta]:
+        out: Dict[str, EntryMeta] = {}
+        root = self.path
+        out["/"] = self._meta(root, os.lstat(root))
+        self._adjust("/", root, out["/"])
+        stack = [b""]
+        while stack:
+            rel = stack.pop()
+            d = root + b"/" + rel if rel else root
+            try:
+                it = os.scandir(d)
+            except FileNotFoundError:
+                continue
+            with it:
+                for e in it:
+                    r = rel + b"/" + e.name if rel else e.name
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                        m = self._meta(e.path, st)
+                    except FileNotFoundError:
+                        continue
+                    path = "/" + os.fsdecode(r)
+                    if self._adjust(path, e.path, m) is False:
+                        continue
+                    out[path] = m
+                    if m.type == "dir":
+                        stack.append(r)
+        return out
+
+    def _adjust(self, path: str, full: bytes, m: EntryMeta):
+        return True
+
+
+class OverlayUpperSource(DirectorySource):
+    """An overlay upper directory: a char device 0:0 is a whiteout, a directory
+    with the opaque xattr ("y") hides the lower contents.  Raw view by
+    default; the effective view drops the whiteouts (the upper dir on its own)."""
+    kind = "upper"
+    default_view = RAW
+
+    def _adjust(self, path: str, full: bytes, m: EntryMeta):
+        if m.type == "char" and m.rdev == (0, 0):
+            if self.view == EFFECTIVE:
+                return False
+            m.type, m.mode, m.uid, m.gid, m.mtime_ns, m.rdev = "whiteout", 0, 0, 0, 0, None
+            m.xattrs = {}
+            return True
+        if m.type == "dir":
+            for name in _OPAQUE_XATTRS:
+                try:
+                    if os.getxattr(full, name, follow_symlinks=False) == b"y":
+                        if self.view == RAW:
+                            m.flags |= OPAQUE
+                        break
+                except OSError:
+                    continue
+        return True
+
+
+class LayerStackSource(Source):
+    """One or more layer tarballs applied in order (an image is one of these).
+
+    ``upto``: only the layers up to that index (negative from the top); the raw
+    view shows that layer's own entries (default: the top layer)."""
+    kind = "layer"
+
+    def __init__(self, layers: List[LayerInfo], name: str, view: Optional[str] = None,
+                 upto: Optional[int] = None, threads: int = 2):
+        super().__init__(name, view)
+        if not layers:
+            raise ValueError(f"{name}: no layers")
+        self.all_layers = layers
+        if upto is not None:
+            n = len(layers)
+            i = upto + n if upto < 0 else upto
+            if not 0 <= i < n:
+                raise NotFound(f"no layer {upto} (the image has {n})", name)
+            layers = layers[:i + 1]
+        self.layers = layers
+        self.threads = max(1, threads)
+
+    def scans(self, layers: Optional[List[LayerInfo]] = None
+              ) -> Iterator[Tuple[LayerInfo, List["_native.ScanEntry"]]]:
+        """(layer, entries) for each layer in order; the C scans of the next
+        layers run in other threads while the caller folds this one."""
+        layers = self.layers if layers is None else layers
+        if len(layers) == 1 or self.threads == 1:
+            for l in layers:
+                yield l, scan_layer(l)
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+            futs = [pool.submit(scan_layer, l) for l in layers[:self.threads]]
+            nxt = len(futs)
+            for i, l in enumerate(layers):
+                entries = futs[i].result()
+                futs[i] = None  # type: ignore[call-overload]  # drop the finished list
+                if nxt < len(layers):
+                    futs.append(pool.submit(scan_layer, layers[nxt]))
+                    nxt += 1
+                yield l, entries
+
+    def _load(self) -> Dict[str, EntryMeta]:
+        if self.view == RAW:
+            top = self.layers[-1]
+            return raw_layer_map(scan_layer(top), top.index)
+        tree = Tree()
+        for l, entries in self.scans():
+            fold_layer(tree, entries, l.index, deleted_by=self.deleted_by)
+        if "/" not in tree.entries:
+            tree.entries["/"] = EntryMeta("dir", 0o755, flags=IMPLICIT)
+        return tree.entries
+
+
+def _history_for_layers(history: List[Dict[str, Any]], n: int) -> List[Dict[str, Any]]:
+    """The history entries of the layers (those without empty_layer), bottom
+    first; padded with {} when the history is short."""
+    out = [h for h in history if isinstance(h, dict) and not h.get("empty_layer")]
+    if len(out) != n:
+        out = out[:n] + [{}] * max(0, n - len(out))
+    return out
+
+
+class ImageSourceAdapter(LayerStackSource):
+    """An image of an OCI layout or docker-archive (layerfs.images)."""
+
+    def __init__(self, spec: str, view: Optional[str] = None, upto: Optional[int] = None,
+                 name: Optional[str] = None, platform=None):
+        from ..images.sources import open_image_source
+        self._src = open_image_source(spec, platform=platform)
+        try:
+            images = self._src.images()
+            if not images:
+                raise NotFound("no image in the source", spec)
+            if len(images) > 1:
+                names = ", ".join((i.names or i.tags or [i.manifest_digest])[0] for i in images)
+                raise ValueError(f"{spec}: {len(images)} images ({names}); choose one "
+                                 f"with {self._src.format.split('-')[0]}:PATH:TAG")
+            img = images[0]
+            self.image = img
+            hist = _history_for_layers(img.history, len(img.layers))
+            layers = []
+            for i, (desc, diff_id) in enumerate(zip(img.layers, img.diff_ids)):
+                h = hist[i]
+                layers.append(LayerInfo(
+                    i, f"{spec} layer {i} ({desc.digest})",
+                    (lambda d=desc: self._src.open_blob(d.digest, size=d.size)),
+                    digest=desc.digest, diff_id=diff_id, size=desc.size,
+                    media_type=desc.media_type, created_by=h.get("created_by"),
+                    comment=h.get("comment"), created=h.get("created")))
+            if not layers:
+                raise NotFound("the image has no layers", spec)
+            super().__init__(layers, name or spec, view, upto)
+            self.kind = "docker-archive" if self._src.format == "docker-archive" else "oci"
+        except BaseException:
+            self._src.close()
+            raise
+
+    def describe(self) -> Dict[str, Any]:
+        d = super().describe()
+        d["image"] = {"id": self.image.config_digest, "manifest": self.image.manifest_digest,
+                      "names": list(self.image.names or self.image.tags)}
+        return d
+
+    def close(self) -> None:
+        self._src.close()
+
+
+# ----------------------------------------------------------------- specs
+
+_Factory = Callable[[str, Optional[str], Optional[int]], Source]
+_TRANSPORTS: Dict[str, _Factory] = {}
+
+
+def register_transport(prefix: str, factory: _Factory) -> None:
+    """Make ``PREFIX:REST`` open with factory(REST, view, layer_index).
+
+    The store registers ``store`` this way; until it does, ``store:`` says it
+    is not available."""
+    _TRANSPORTS[prefix] = factory
+
+
+def _layer_file_source(path: str, view, upto) -> Source:
+    if not os.path.isfile(path) and not os.path.exists(path):
+        raise NotFound("no such layer tarball", path)
+    return LayerStackSource([LayerInfo(0, path, lambda: path)], path, view, upto)
+
+
+def _store_source(ref: str, view, upto) -> Source:
+    try:
+        from ..store import diff_source  # type: ignore[attr-defined]
+    except ImportError:
+        raise NotSupported(f"store:{ref}: no layerfs store support in this build") from None
+    return diff_source(ref, view=view, upto=upto)
+
+
+register_transport("dir", lambda p, v, u: DirectorySource(p, v))
+register_transport("upper", lambda p, v, u: OverlayUpperSource(p, v))
+register_transport("layer", _layer_file_source)
+register_transport("tar", _layer_file_source)
+register_transport("store", _store_source)
+
+_IMAGE_PREFIXES = ("oci", "oci-archive", "docker-archive")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _looks_like_image_member(name: str) -> Optional[str]:
+    n = name.lstrip("./")
+    if n in ("oci-layout", "index.json"):
+        return "oci"
+    if n in ("manifest.json", "repositories"):
+        return "docker-archive"
+    parts = n.split("/")
+    if len(parts) >= 3 and parts[0] == "blobs" and _HEX64.match(parts[2] or ""):
+        return "oci"
+    if len(parts) == 2 and _HEX64.match(parts[0]) and parts[1] in ("layer.tar", "json", "VERSION"):
+        return "docker-archive"
+    return None
+
+
+def detect_file(path: str, budget: int = 200) -> str:
+    """"image" if the tarball at path holds an OCI layout or docker-archive
+    (judged from its first ``budget`` members), else "layer"."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+        f.seek(0)
+        mode = "r|*" if head[:2] == b"\x1f\x8b" else "r:"
+        if head[:4] == b"\x28\xb5\x2f\xfd":
+            try:
+                import zstandard
+            except ImportError:
+                return "layer"
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            fileobj, mode = reader, "r|"
+        else:
+            fileobj = f
+        try:
+            with tarfile.open(fileobj=fileobj, mode=mode) as tf:
+                for i, ti in enumerate(tf):
+                    if _looks_like_image_member(ti.name):
+                        return "image"
+                    if i >= budget:
+                        break
+        except (tarfile.TarError, EOFError, OSError, ValueError):
+            return "layer"
+    return "layer"
+
+
+def _split_layer_index(spec: str) -> Tuple[str, Optional[int]]:
+    if os.path.lexists(spec):
+        return spec, None
+    m = re.match(r"^(.*)#(-?\d+)$", spec)
+    if m:
+        return m.group(1), int(m.group(2))
+    return spec, None
+
+
+SourceArg = Union[str, "os.PathLike[str]", Source]
+
+
+def open_source(spec: SourceArg, view: Optional[str] = None, *, platform=None) -> Source:
+    """A :class:`Source` for a path, a prefixed spec, or a Source (returned as is).
+
+    Detection without a prefix: a directory holding ``oci-layout`` or
+    ``manifest.json`` is an image; another directory is a tree; a file whose
+    first members look like an image archive is an image; another file is a
+    layer tarball.
+    """
+    if isinstance(spec, Source):
+        if view is not None and view != spec.view:
+            raise ValueError(f"{spec.name}: already opened with the {spec.view} view")
+        return spec
+    text = os.fsdecode(os.fspath(spec))
+    text, upto = _split_layer_index(text)
+    if not os.path.lexists(text):
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix in _IMAGE_PREFIXES:
+            return ImageSourceAdapter(text, view, upto, platform=platform)
+        if sep and prefix in _TRANSPORTS:
+            return _TRANSPORTS[prefix](rest, view, upto)
+        raise NotFound("no such file, directory or image", text)
+    if os.path.isdir(text):
+        if any(os.path.exists(os.path.join(text, n)) for n in ("oci-layout", "manifest.json")):
+            return ImageSourceAdapter(text, view, upto, platform=platform)
+        if upto is not None:
+            raise ValueError(f"{text}: a directory has no layers to choose from")
+        return DirectorySource(text, view)
+    if detect_file(text) == "image":
+        return ImageSourceAdapter(text, view, upto, platform=platform)
+    return LayerStackSource([LayerInfo(0, text, lambda: text)], text, view, upto)
+
+
+def layer_stack(paths: Iterable[SourceArg], view: Optional[str] = None,
+                upto: Optional[int] = None) -> LayerStackSource:
+    """Several layer tarballs (bottom first) as one stack."""
+    infos = []
+    for i, p in enumerate(paths):
+        p = os.fsdecode(os.fspath(p))
+        if not os.path.exists(p):
+            raise NotFound("no such layer tarball", p)
+        infos.append(LayerInfo(i, p, (lambda q=p: q)))
+    name = " + ".join(l.name for l in infos)
+    return LayerStackSource(infos, name, view, upto)
+
+
+class MapSource(Source):
+    """A source over a ready map (tests, other engines)."""
+    kind = "map"
+
+    def __init__(self, entries: Dict[str, EntryMeta], name: str = "<map>", view=None):
+        super().__init__(name, view)
+        self._entries = entries
+
+    def _load(self):
+        return self._entries
+
+
+EMPTY_NAME = "<empty>"
+
+
+def empty_source() -> Source:
+    """An empty tree (just the root directory, implicit)."""
+    return MapSource({"/": EntryMeta("dir", 0o755, flags=IMPLICIT)}, EMPTY_NAME)
+
+
+__all__ = ["COARSE", "DirectorySource", "EFFECTIVE", "EntryMeta", "FoldObserver", "IMPLICIT",
+           "ImageSourceAdapter", "LayerInfo", "LayerStackSource", "MapSource", "OPAQUE",
+           "OVERLAY_PRIVATE_XATTRS", "OverlayUpperSource", "RAW", "Source", "Tree", "VIEWS",
+           "detect_file", "empty_source", "fold_layer", "layer_stack", "norm_path",
+           "open_source", "parent_of", "raw_layer_map", "register_transport", "scan_layer",
+           "sort_paths"]
