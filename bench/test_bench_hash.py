@@ -7,10 +7,13 @@ Run with:  pytest bench/test_bench_hash.py --benchmark-enable
   ``_native.digest_stream`` (read, hash, decompress, hash) against
   ``zstd -dc >/dev/null`` / ``gzip -dc >/dev/null`` (decompress only).
 
-Each round of our function is preceded (in pedantic's setup) by one run of the
-peer tool, so both see the same machine state; the peer's times go to
-``extra_info`` together with ``ratio`` = peer time / our time (> 1: we are
-faster).  Inputs are generated once under /var/tmp/layerfs-bench and reused.
+Each round runs the peer tool first (in pedantic's setup), then ours, so both
+see the same machine state.  extra_info follows bench/conftest.py (``peers``
+with each peer's times and median, ``ratio`` = our median / the peer's median,
+so <= 1 means at least as fast, and ``goal`` where there is one) and adds the
+throughputs.  --bench-rounds, --bench-warmup and --bench-peers-only apply.
+Inputs are generated once under /var/tmp/layerfs-bench (LAYERFS_BENCH_CACHE)
+and reused.
 """
 from __future__ import annotations
 
@@ -128,11 +131,21 @@ def _warm(path: Path) -> None:
             pass
 
 
-class Peer:
-    """Times one run of an external command per round (called from pedantic's setup)."""
+def _option(request, name: str, default):
+    """A bench/conftest.py option, or its default when run without that conftest."""
+    try:
+        return request.config.getoption(name)
+    except ValueError:
+        return default
 
-    def __init__(self, argv, stdin: Path | None = None):
-        self.argv, self.stdin, self.times = argv, stdin, []
+
+class Peer:
+    """Times one run of an external command per round (from pedantic's setup)."""
+
+    def __init__(self, name: str, argv, stdin: Path | None = None, goal: float | None = None):
+        self.name, self.argv, self.stdin, self.goal = name, argv, stdin, goal
+        self.times = []
+        self.command = " ".join(str(a) for a in argv) + (f" <{stdin} >/dev/null" if stdin else "")
 
     def run(self):
         with open(self.stdin, "rb") if self.stdin else open(os.devnull, "rb") as fin, \
@@ -141,20 +154,54 @@ class Peer:
             subprocess.run(self.argv, stdin=fin, stdout=fout, check=True)
             self.times.append(time.perf_counter() - t0)
 
-    def report(self, benchmark, name: str, size: int):
-        ours = benchmark.stats.stats
-        peer_min, peer_med = min(self.times), statistics.median(self.times)
-        benchmark.extra_info.update({
-            f"{name}_min_s": round(peer_min, 4),
-            f"{name}_median_s": round(peer_med, 4),
-            "ours_min_s": round(ours.min, 4),
-            "ours_median_s": round(ours.median, 4),
-            "ratio_min": round(peer_min / ours.min, 3),
-            "ratio_median": round(peer_med / ours.median, 3),
-            "ours_MBps_median": round(size / ours.median / 1e6, 1),
-            f"{name}_MBps_median": round(size / peer_med / 1e6, 1),
-        })
-        print(f"\n{benchmark.name}: " + ", ".join(f"{k}={v}" for k, v in benchmark.extra_info.items()))
+
+def side_by_side(request, benchmark, ours, ours_command: str, peer: Peer, size: int, **info):
+    """Time ours (benchmark.pedantic) and the peer in the same rounds: each
+    round runs the peer first (in setup), then ours.  extra_info follows
+    bench/conftest.py: peers[] with times, median and ratio = ours / peer."""
+    rounds = _option(request, "bench_rounds", ROUNDS)
+    warmup = _option(request, "bench_warmup", 1)
+    peers_only = _option(request, "bench_peers_only", False)
+    calls = [0]
+
+    def setup():
+        calls[0] += 1
+        if not peers_only:
+            peer.run()
+            if calls[0] <= warmup:
+                peer.times.pop()
+
+    if peers_only:
+        def timed():
+            peer.run()
+        result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    else:
+        result = benchmark.pedantic(ours, setup=setup, rounds=rounds, iterations=1,
+                                    warmup_rounds=warmup)
+    data = list(benchmark.stats.stats.data)
+    med = statistics.median(data)
+    info_ = benchmark.extra_info
+    info_.update(info)
+    info_["rounds"] = rounds
+    info_["bytes"] = size
+    if peers_only:
+        info_.update(timed="peer", contender=peer.name, command=peer.command,
+                     peers=[{"name": peer.name, "command": peer.command, "times": data,
+                             "median": med, "ratio": None, "goal": peer.goal}])
+        return None
+    pm = statistics.median(peer.times)
+    ratio = med / pm
+    info_.update(timed="layerfs", contender="layerfs", command=ours_command,
+                 peers=[{"name": peer.name, "command": peer.command, "times": peer.times,
+                         "median": pm, "ratio": ratio, "goal": peer.goal}],
+                 peer=peer.name, peer_median=pm, ratio=ratio,
+                 layerfs_MBps=round(size / med / 1e6, 1),
+                 peer_MBps=round(size / pm / 1e6, 1),
+                 speedup_vs_peer=round(pm / med, 3))
+    print(f"\n{benchmark.name}: layerfs median {med:.3f} s ({size / med / 1e6:.0f} MB/s), "
+          f"{peer.name} median {pm:.3f} s ({size / pm / 1e6:.0f} MB/s), "
+          f"time ratio layerfs/{peer.name} {ratio:.3f} (min/min {min(data) / min(peer.times):.3f})")
+    return result
 
 
 def _need(tool: str):
@@ -162,42 +209,45 @@ def _need(tool: str):
         pytest.skip(f"{tool} not installed")
 
 
-def test_sha256_fd_vs_openssl(benchmark):
+def test_sha256_fd_vs_openssl(benchmark, request):
     _need("openssl")
     path = random_file()
     _warm(path)
-    peer = Peer(["openssl", "dgst", "-sha256", str(path)])
+    # goal: at least 0.95x openssl's throughput, i.e. time ratio <= 1/0.95
+    peer = Peer("openssl", ["openssl", "dgst", "-sha256", str(path)], goal=round(1 / 0.95, 3))
 
     def ours():
         with open(path, "rb") as f:
             return _native.sha256_fd(f.fileno())
 
-    digest, size = benchmark.pedantic(ours, setup=peer.run, rounds=ROUNDS, iterations=1,
-                                      warmup_rounds=1)
-    assert size == RAND_SIZE
-    assert digest == _sha256_file(path)
-    peer.report(benchmark, "openssl", size)
+    res = side_by_side(request, benchmark, ours, f"_native.sha256_fd(open({path}))", peer,
+                       RAND_SIZE, layer=path.name, layer_bytes=RAND_SIZE)
+    if res is not None:
+        digest, size = res
+        assert size == RAND_SIZE
+        assert digest == _sha256_file(path)
 
 
 @pytest.mark.parametrize("fmt, make, tool", [
     ("zstd", layer_zst, ["zstd", "-dc"]),
     ("gzip", layer_gz, ["gzip", "-dc"]),
-])
-def test_digest_stream_vs_decompressor(benchmark, fmt, make, tool):
+], ids=["zstd", "gzip"])
+def test_digest_stream_vs_decompressor(benchmark, request, fmt, make, tool):
     _need(tool[0])
     path = make()
     tar = layer_tar()
     _warm(path)
-    peer = Peer(tool, stdin=path)
+    peer = Peer(tool[0], tool, stdin=path)
 
     def ours():
         with open(path, "rb") as f:
             return _native.digest_stream(f.fileno())
 
-    d = benchmark.pedantic(ours, setup=peer.run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    assert d.compression == fmt
-    assert d.tar_size == tar.stat().st_size
-    assert d.compressed_size == path.stat().st_size
-    assert d.digest == _sha256_file(path)
-    assert d.diff_id == _sha256_file(tar)
-    peer.report(benchmark, tool[0], d.tar_size)
+    d = side_by_side(request, benchmark, ours, f"_native.digest_stream(open({path}))", peer,
+                     tar.stat().st_size, layer=path.name, layer_bytes=path.stat().st_size)
+    if d is not None:
+        assert d.compression == fmt
+        assert d.tar_size == tar.stat().st_size
+        assert d.compressed_size == path.stat().st_size
+        assert d.digest == _sha256_file(path)
+        assert d.diff_id == _sha256_file(tar)
