@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from ..errors import AlreadyExists, DigestMismatch, NotFound
 from . import reference

@@ -3,9 +3,9 @@
 - :func:`build_layout` writes an OCI layout by hand: layer tarballs made by
   ``layerfs.archive.create_layer`` (plain, gzip or zstd) from directories the
   test fills, configs and manifests written as JSON, index.json naming them;
-- the ``umoci_layout`` fixture builds a three-layer image with umoci (unpack,
-  change the rootfs, repack): deleted files, a replaced (opaque) directory, a
-  changed mode, a symlink and a hardlink;
+- the ``umoci_layout`` fixture builds a four-layer image with umoci (unpack,
+  change the rootfs, repack): deleted files and directories, a changed mode, a
+  symlink and a hardlink; then a GNU tar layer with an opaque directory;
 - :func:`run` runs a real tool and fails the test with its output.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -21,7 +22,6 @@ from typing import Dict, List, Optional
 import pytest
 
 from layerfs.archive import create_layer
-from layerfs.diff import compare_trees
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -147,10 +147,46 @@ def fill(root: str, files: Dict[str, object]) -> str:
     return root
 
 
+def tree_records(root: str) -> Dict[str, tuple]:
+    """path -> (type, mode, uid, gid, mtime or None, content digest / link target,
+    xattrs) for everything below root.  Directory mtimes are left out: they
+    change as entries are made."""
+    out: Dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            kind = stat.S_IFMT(st.st_mode)
+            content = None
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    content = sha256_hex(f.read())
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(p)
+            try:
+                xattrs = tuple(sorted((k, os.getxattr(p, k, follow_symlinks=False))
+                                      for k in os.listxattr(p, follow_symlinks=False)))
+            except OSError:
+                xattrs = ()
+            mtime = None if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, content,
+                        xattrs)
+    return out
+
+
 def trees_equal(a: str, b: str) -> List[str]:
     """The differences between two trees (empty when equal), as readable lines."""
-    return [f"{c.kind} {c.path} {sorted(c.fields) if c.fields else ''}"
-            for c in compare_trees(a, b)]
+    ra, rb = tree_records(a), tree_records(b)
+    diffs = []
+    for path in sorted(set(ra) | set(rb)):
+        if path not in ra:
+            diffs.append(f"added {path}")
+        elif path not in rb:
+            diffs.append(f"deleted {path}")
+        elif ra[path] != rb[path]:
+            diffs.append(f"modified {path}: {ra[path]} != {rb[path]}")
+    return diffs
 
 
 @pytest.fixture
@@ -172,7 +208,8 @@ def simple_layout(tmp_path):
 
 @pytest.fixture(scope="session")
 def umoci_layout(tmp_path_factory):
-    """An image built with umoci in three repacks; returns (layout dir, tag)."""
+    """An image built with umoci in three repacks (files deleted: whiteouts) and
+    a GNU tar layer with an opaque directory; returns (layout dir, tag)."""
     need("umoci")
     work = tmp_path_factory.mktemp("umoci")
     layout, bundle = work / "layout", work / "bundle"
@@ -205,6 +242,12 @@ def umoci_layout(tmp_path_factory):
 
     for change in (first, second, third):
         step(change)
+    # a fourth layer made by GNU tar and added verbatim: an opaque directory
+    opq = work / "opaque"
+    fill(str(opq), {"opt/app/lib/.wh..wh..opq": "", "opt/app/lib/d.so": b"D" * 99})
+    run("tar", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@1700000000",
+        "-C", opq, "-cf", work / "opaque.tar", "opt")
+    run("umoci", "raw", "add-layer", "--image", f"{layout}:t", work / "opaque.tar")
     return str(layout), "t"
 
 

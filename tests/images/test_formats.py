@@ -8,14 +8,13 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import tarfile
 
 import pytest
 
 from layerfs.archive import apply_layer, create_layer, unpack_layers
 from layerfs.digest import layer_digests
-from layerfs.errors import DigestMismatch, LayerError, NotFound
+from layerfs.errors import DigestMismatch, NotFound
 from layerfs.images import (Descriptor, FormatError, ImageToWrite, LayerToWrite,
                             NoMatchingPlatform, Platform, current_platform, layer_compression,
                             open_image_source, parse_platform, write_docker_archive,
