@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional

@@ -397,14 +397,12 @@ class OverlayDriver(DirectoryDriver):
         """The mount giving the layer's view (as :class:`~layerfs.drivers.base.Mount`)."""
         from .base import Mount
         info = self.get(id)
-        target = self._merged(id)
         spec = self._view_spec(info)
         if spec is None:
             opts = ("bind",) if info.rw else ("bind", "ro")
             return [Mount("bind", self.diff_dir(id), opts)]
         lowers, upper, work = spec
         data, cwd = self._choose_data(lowers, upper, work, ro=not info.rw)
-        del target
         return [Mount("overlay", "overlay", tuple(data.split(",")), cwd)]
 
     def _view_spec(self, info: LayerInfo):

@@ -29,7 +29,7 @@ import tarfile
 import textwrap
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -37,11 +37,8 @@ from hypothesis import strategies as st
 
 import layerfs.drivers as drivers
 from layerfs.archive import unpack_layers
-from layerfs.diff import compare_trees
-from layerfs.errors import (AlreadyExists, DigestMismatch, LayerError, NotFound,
-                            PreconditionFailed)
-from tests.archive.model import (OPAQUE, WH_PREFIX, Entry, apply_layer, assert_same_tree,
-                                 project, snapshot)
+from layerfs.errors import AlreadyExists, DigestMismatch, NotFound, PreconditionFailed
+from tests.archive.model import Entry, apply_layer, assert_same_tree, project, snapshot
 from tests.archive.tarbuild import Tar, zstd_bytes
 
 from .conftest import mounts_under

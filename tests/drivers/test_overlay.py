@@ -7,17 +7,15 @@ import os
 import stat
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from layerfs.drivers import overlay as ov
-from layerfs.drivers.base import is_mountpoint
 
-from .conformance import (Conformance, Entry, Mounted, build_stack, diff_bytes, dir_,
-                          expected_view, file_, layer_tar, tar_members, view_of, whiteout)
+from .conformance import (Conformance, Entry, Mounted, build_stack, diff_bytes, dir_, file_,
+                          tar_members, view_of, whiteout)
 from .conftest import mounts_under
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,8 +1,6 @@
 """Regressions: each test names the bug it keeps fixed."""
 from __future__ import annotations
 
-import fcntl
-import io
 import os
 import subprocess
 import sys
