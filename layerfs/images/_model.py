@@ -48,6 +48,12 @@ class SourceImage:
         """The image id: the config digest."""
         return self.config_digest
 
+    @property
+    def chain_ids(self) -> List[str]:
+        """The ChainID of each layer prefix, bottom first (the store's layer keys)."""
+        from ..digest import chain_ids
+        return chain_ids(self.diff_ids)
+
 
 Opener = Callable[[], BinaryIO]
 

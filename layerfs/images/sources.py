@@ -15,8 +15,13 @@ What ``open_image_source`` accepts:
   ``oci:PATH[:TAG]``, ``oci-archive:PATH[:TAG]``, ``docker-archive:PATH[:REF]``
   (REF a RepoTag or ``@N``, the N-th image of manifest.json).
 
+Platforms: an index (multi-platform image) is narrowed to one manifest for
+the wanted platform; single images are returned whatever their platform (as
+``docker load`` does), with ``SourceImage.platform`` from their config.
+
 A tarball is read in place: its headers are scanned once and blobs are read at
-their offsets.  Every manifest, index and config read is checked against its
+their offsets (a gzip or zstd tarball is first decompressed to a temporary
+file).  Every manifest, index and config read is checked against its
 digest and size, and every layer blob's presence and size are checked when
 ``images()`` runs; layer contents are checked by whoever reads them
 (``open_blob(..., verify=True)``, or ``apply_layer(expected_digest=...)``).

@@ -689,3 +689,57 @@ def test_docker_archive_written_and_read_back(simple_layout, tmp_path):
         for desc in got[0].layers:
             with back.open_blob(desc.digest, verify=True) as f:
                 assert layer_digests(f).diff_id == desc.digest
+
+
+def test_non_image_manifests_are_skipped(simple_layout):
+    """An artifact (a manifest whose config is not an image config) is not an image."""
+    layout = simple_layout["layout"]
+    cfg = put_blob(layout, b"{}")
+    art = put_blob(layout, jbytes({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                   "config": {"mediaType": "application/vnd.example.sbom+json",
+                                              **cfg}, "layers": []}))
+    rewrite_json(os.path.join(layout, "index.json"), lambda d: d["manifests"].append(
+        {"mediaType": OCI_MANIFEST, **art, "annotations": {
+            "org.opencontainers.image.ref.name": "sbom"}}))
+    with open_image_source(layout) as src:
+        assert len(src.images()) == 2
+        assert [d.digest for d, _ in src.skipped] == [art["digest"]]
+
+
+def test_blob_symlink_leaving_the_directory_is_refused(simple_layout, tmp_path):
+    layout, app = simple_layout["layout"], simple_layout["app"]
+    path = blob_file(layout, app.layer_digests[0])
+    outside = str(tmp_path / "outside")
+    os.rename(path, outside)
+    os.symlink(outside, path)
+    with pytest.raises(FormatError, match="outside the image directory"):
+        open_image_source(layout).images()
+
+
+def test_absent_nondistributable_layer_is_allowed(tmp_path):
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    img = build_image(layout, [fill(str(tmp_path / "t"), {"f": "1"})])
+    os.unlink(blob_file(layout, img.layer_digests[0]))
+    m = dict(img.manifest)
+    m["layers"] = [dict(m["layers"][0], mediaType=mf.OCI_LAYER_NONDISTRIBUTABLE_GZIP,
+                        urls=["https://example.invalid/layer"])]
+    md = put_blob(layout, jbytes(m))
+    write_index(layout, [{"mediaType": OCI_MANIFEST, **md}])
+    with open_image_source(layout) as src:
+        (got,) = src.images()
+        assert got.layers[0].urls == ("https://example.invalid/layer",)
+        with pytest.raises(NotFound):
+            src.open_blob(got.layers[0].digest)
+
+
+def test_write_into_empty_directory(simple_layout, tmp_path):
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    with open_image_source(simple_layout["layout"]) as src:
+        write_oci_layout(_to_write(src), dest)
+    with open(dest / "oci-layout") as f:
+        assert json.load(f) == {"imageLayoutVersion": "1.0.0"}
+    with open_image_source(str(dest)) as src:
+        assert len(src.images()) == 2
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
