@@ -51,8 +51,12 @@ class SourceImage:
     @property
     def chain_ids(self) -> List[str]:
         """The ChainID of each layer prefix, bottom first (the store's layer keys)."""
-        from ..digest import chain_ids
-        return chain_ids(self.diff_ids)
+        import hashlib
+        out: List[str] = []
+        for d in self.diff_ids:
+            out.append(d if not out else
+                       "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+        return out
 
 
 Opener = Callable[[], BinaryIO]
