@@ -291,8 +291,9 @@ def read_oci_layout(files, blobs: Blobs, *, platform: Platform, select: Optional
     for j, top, m, index_digest in chosen:
         img = images.get(m.digest)
         if img is None:
-            img = reader.image(m, iw if m is top else blobs.where(index_digest),
-                               f"manifests[{j}]")
+            field = f"manifests[{j}]" if m is top else \
+                f"manifests[{j}] (through index {index_digest})"
+            img = reader.image(m, iw, field)
             if img is None:
                 continue
             img.index_digest = index_digest
