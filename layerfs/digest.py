@@ -12,7 +12,7 @@ import re
 from typing import Iterable, List
 
 from . import _native
-from .archive._io import Source, open_source
+from ._io import Source, open_source
 from .errors import LayerError
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from .. import _native
 from ..digest import parse_digest
 from ..errors import DigestMismatch, LayerError
-from ._io import Source, open_source, source_name
+from .._io import Source, open_source, source_name
 
 IdMap = Sequence[Tuple[int, int, int]]
 

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Tuple, Union
 
 from .. import _native
 from ..errors import LayerError
-from ._io import open_output
+from .._io import open_output
 
 # What a change list may say about a path: the diff engine's kinds and the tar writer's.
 _KIND = {"added": "path", "modified": "path", "path": "path", "A": "path", "M": "path",
