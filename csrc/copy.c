@@ -403,10 +403,11 @@ out:
  * The walk (producer) creates each destination file and queues it; the content
  * thread (consumer) copies the data and sets the metadata.  The queue is a
  * single-producer single-consumer ring: head and tail are atomics, and the
- * mutex is taken only to sleep or to wake the other side.  A side that wants
- * to sleep sets its *_waiting flag and re-checks under the mutex; the other
- * side publishes its index first and then reads the flag (both seq_cst), so
- * a wake-up is never lost.
+ * mutex is taken only for the content thread to sleep or to be woken.  It
+ * sets consumer_waiting and re-checks the tail under the mutex; the walk
+ * publishes the tail first and then reads the flag (both seq_cst), so a
+ * wake-up is never lost.  The walk never waits: when the ring is full it
+ * copies the file itself.
  */
 
 typedef struct job {
@@ -418,12 +419,11 @@ typedef struct job {
 typedef struct worker {
     pthread_t th;
     pthread_mutex_t mu;
-    pthread_cond_t cv_work, cv_space;
+    pthread_cond_t cv_work;
     job ring[QUEUE_LEN];
     _Atomic size_t head;          /* next job the consumer takes */
     _Atomic size_t tail;          /* next free slot of the producer */
     _Atomic int consumer_waiting;
-    _Atomic int producer_waiting;
     _Atomic int stop;             /* no more jobs */
     _Atomic int abort;            /* skip the remaining jobs' content, just close them */
     _Atomic int failed;
@@ -461,10 +461,6 @@ static void *worker_main(void *arg)
         if (close(j->dfd) < 0 && !skip && rc == 0) rc = fail_errno(&w->c, errno, j->path.p, "closing");
         if (rc < 0) atomic_store(&w->failed, 1);
         atomic_store(&w->head, head + 1);
-        /* A full queue's producer sleeps until half of it is free. */
-        if ((atomic_load(&w->producer_waiting) &&
-             atomic_load(&w->tail) - (head + 1) <= QUEUE_LEN / 2) || rc < 0)
-            wake(w, &w->cv_space);
     }
     return NULL;
 }
@@ -479,13 +475,7 @@ static int worker_start(worker *w, int flags)
         pthread_mutex_destroy(&w->mu);
         return -1;
     }
-    if (pthread_cond_init(&w->cv_space, NULL) != 0) {
-        pthread_cond_destroy(&w->cv_work);
-        pthread_mutex_destroy(&w->mu);
-        return -1;
-    }
     if (pthread_create(&w->th, NULL, worker_main, w) != 0) {
-        pthread_cond_destroy(&w->cv_space);
         pthread_cond_destroy(&w->cv_work);
         pthread_mutex_destroy(&w->mu);
         return -1;
@@ -493,22 +483,21 @@ static int worker_start(worker *w, int flags)
     return 0;
 }
 
-/* Queue a file; takes ownership of both fds.  <0 when the content thread failed. */
+/* Queue a file: 0 queued (the fds are the thread's now), 1 the queue is full
+ * (nothing taken: copy it here), <0 the thread failed (fds closed). */
 static int worker_push(worker *w, int sfd, int dfd, const struct stat *st, const char *path, size_t plen)
 {
-    size_t tail = atomic_load(&w->tail);
-    while (tail - atomic_load(&w->head) == QUEUE_LEN && !atomic_load(&w->failed)) {
-        pthread_mutex_lock(&w->mu);
-        atomic_store(&w->producer_waiting, 1);
-        while (tail - atomic_load(&w->head) > QUEUE_LEN / 2 && !atomic_load(&w->failed))
-            pthread_cond_wait(&w->cv_space, &w->mu);
-        atomic_store(&w->producer_waiting, 0);
-        pthread_mutex_unlock(&w->mu);
-    }
     if (atomic_load(&w->failed)) {
         close(sfd);
         close(dfd);
         return -1;
+    }
+    size_t tail = atomic_load(&w->tail);
+    if (tail - atomic_load(&w->head) == QUEUE_LEN) {
+        /* Full: the walk copies this one itself rather than wait (on a busy
+         * machine the content thread may not get a CPU for a while). */
+        if (atomic_load(&w->consumer_waiting)) wake(w, &w->cv_work);
+        return 1;
     }
     job *slot = &w->ring[tail % QUEUE_LEN];
     slot->path.len = 0;
@@ -537,7 +526,6 @@ static int worker_stop(worker *w, int abort)
     wake(w, &w->cv_work);
     pthread_join(w->th, NULL);
     for (size_t i = 0; i < QUEUE_LEN; i++) sb_free(&w->ring[i].path);
-    pthread_cond_destroy(&w->cv_space);
     pthread_cond_destroy(&w->cv_work);
     pthread_mutex_destroy(&w->mu);
     ctx_free(&w->c);
@@ -754,7 +742,8 @@ static int tree_regular(tree *t, frame *f, const char *name, int sfd, const stru
     if (t->threaded && st->st_size > 0) {
         int rc = worker_push(&t->w, sfd, dfd, st, t->spath.p, t->spath.len);
         if (rc == -ENOMEM) return lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory");
-        return rc < 0 ? -ECANCELED : 0;   /* the content thread failed: its error is reported */
+        if (rc < 0) return -ECANCELED;    /* the content thread failed: its error is reported */
+        if (rc == 0) return 0;
     }
     int rc = finish_regular(&t->c, sfd, dfd, st, t->spath.p);
     close(sfd);
