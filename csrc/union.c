@@ -2326,8 +2326,10 @@ int lfs_union_serve(const char *mountpoint, const char *const *layers, size_t nl
     if (rc < 0) goto fail;
 
     char mopts[600];
-    snprintf(mopts, sizeof mopts, "fsname=%s,subtype=layerfs,allow_other,default_permissions%s%s",
-             o.fsname ? o.fsname : "layerfs", geteuid() == 0 ? ",suid,dev" : "",
+    /* as root: every user sees the mount (allow_other) with the kernel's usual
+     * permission checks, and set-id files and devices work as in a rootfs */
+    snprintf(mopts, sizeof mopts, "fsname=%s,subtype=layerfs,default_permissions%s%s",
+             o.fsname ? o.fsname : "layerfs", geteuid() == 0 ? ",allow_other,suid,dev" : "",
              o.writable ? "" : ",ro");
     if ((rc = add_opt(&args, "layerfs-union", err)) < 0 || (rc = add_opt(&args, "-o", err)) < 0 ||
         (rc = add_opt(&args, mopts, err)) < 0 || (o.debug && (rc = add_opt(&args, "-d", err)) < 0))

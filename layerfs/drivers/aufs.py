@@ -231,7 +231,7 @@ class AufsDriver(DirectoryDriver):
                                           if env.get("PYTHONPATH") else "")
         rfd, wfd = os.pipe()
         try:
-            with open(self._log_path(info.id), "ab") as log:
+            with open(self._log_path(info.id), "wb") as log:
                 proc = subprocess.Popen(self._server_argv(info, target, wfd), cwd="/", env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=log, pass_fds=(wfd,), close_fds=True)
