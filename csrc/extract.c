@@ -40,6 +40,11 @@
  * Directory times are recorded (path, times, seq) and applied after the last
  * entry, deepest first, re-resolving each directory in the root and opening it
  * with O_NOFOLLOW (a directory replaced meanwhile is skipped).
+ *
+ * Tar-split record (opts->record, tarsplit.c): the parser's byte hook feeds the
+ * record; do_file names the file an entry's data goes to (only when its parent
+ * was reached without symlinks, else the data stays in the record), and every
+ * removal or replacement first calls lfs_rec_removing.
  */
 #include "internal.h"
 #include <dirent.h>
@@ -145,6 +150,7 @@ typedef struct ctx {
     lfs_apply_result *res;
     lfs_error *err;
     lfs_tar *tar;
+    lfs_rec *rec;                   /* tar-split record (opts->record), or NULL */
     const lfs_entry *e;             /* entry being applied (for error context) */
     int use_openat2;
     uid_t euid;
@@ -599,6 +605,10 @@ static int replace(ctx *c, int pfd, const char *base, const char *path)
         if (errno == ENOENT) return 0;
         return efail(c, errno, path, "cannot stat the existing entry");
     }
+    if (c->rec) {
+        int r = lfs_rec_removing(c->rec, pfd, base, &st, c->err);
+        if (r < 0) return ectx(c, r);
+    }
     if (S_ISDIR(st.st_mode)) {
         chain_changed(c);
         int r = lfs_remove_at(pfd, base, c->err);
@@ -689,7 +699,11 @@ static int do_file(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
         int r = replace(c, pfd, base, path);
         if (r < 0) return r;
     }
-    int r = file_data(c, e, fd, path);
+    int r = 0;
+    /* the record names the file only if its path leads to it without symlinks */
+    if (c->rec && e->size > 0 && !c->alias_level)
+        r = lfs_rec_file(c->rec, fd, path, strlen(path), e, c->err);
+    if (r == 0) r = file_data(c, e, fd, path);
     if (r < 0) goto out;
     if (uid != NO_ID && fchown(fd, uid, gid) < 0) {
         r = efail(c, errno, path, "cannot change owner to %u:%u", uid, gid);
@@ -854,6 +868,8 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
             /* a non-directory (or symlink) is there: replace it */
             replaced = 1;
             chain_changed(c);
+            int rr = c->rec ? lfs_rec_removing(c->rec, pfd, base, NULL, c->err) : 0;
+            if (rr < 0) return ectx(c, rr);
             if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
                 return efail(c, errno, path, "cannot remove the existing entry");
             if (mkdirat(pfd, base, 0700) < 0) return efail(c, errno, path, "cannot create directory");
@@ -993,7 +1009,8 @@ static int prune(ctx *c, int dfd, const char *d, size_t dn)
         for (size_t i = 0; i < del.len;) {
             const char *nm = del.p + i;
             i += strlen(nm) + 1;
-            int r = lfs_remove_at(fd, nm, c->err);
+            int r = c->rec ? lfs_rec_removing(c->rec, fd, nm, NULL, c->err) : 0;
+            if (r == 0) r = lfs_remove_at(fd, nm, c->err);
             if (r < 0) { closedir(dir); rc = ectx(c, r); goto out; }
         }
         closedir(dir);
@@ -1017,6 +1034,8 @@ static int open_target_dir(ctx *c, int pfd, const char *base, const char *path, 
     if (!make || (er == ENOTDIR && (pset_get(c, path, len) & PS_WRITTEN))) return -er;
     if (er == ENOTDIR) {
         chain_changed(c);
+        int r = c->rec ? lfs_rec_removing(c->rec, pfd, base, NULL, c->err) : 0;
+        if (r < 0) return ectx(c, r);
         if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
             return efail(c, errno, path, "cannot remove the existing entry");
     }
@@ -1095,7 +1114,8 @@ static int do_whiteout(ctx *c, size_t plen, const char *base)
     }
     if (!ov) {
         chain_changed(c);
-        int r = lfs_remove_at(pfd, target, c->err);
+        int r = c->rec ? lfs_rec_removing(c->rec, pfd, target, NULL, c->err) : 0;
+        if (r == 0) r = lfs_remove_at(pfd, target, c->err);
         return r < 0 ? ectx(c, r) : 0;
     }
     for (int tries = 0;; tries++) {
@@ -1236,6 +1256,8 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result 
     struct stat st;
     if (fstat(root_fd, &st) < 0) return lfs_fail(err, errno, -1, NULL, NULL, "cannot stat the root");
     if (!S_ISDIR(st.st_mode)) return lfs_fail(err, ENOTDIR, -1, NULL, NULL, "the root is not a directory");
+    if (o->record && o->record_fd < 0)
+        return lfs_fail(err, EBADF, -1, NULL, NULL, "no file descriptor for the tar-split record");
 
     ctx *c = calloc(1, sizeof *c);
     if (!c) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
@@ -1267,6 +1289,11 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result 
     lfs_tar_limits lim = { o->max_entries, o->max_pax_size, o->max_xattrs_size };
     rc = lfs_tar_open(&c->tar, src, &lim, err);
     if (rc < 0) goto out;
+    if (o->record) {
+        rc = lfs_rec_open(&c->rec, o->record_fd, root_fd, err);
+        if (rc < 0) goto out;
+        lfs_tar_set_hook(c->tar, lfs_rec_hook, c->rec);
+    }
     for (;;) {
         const lfs_entry *e = NULL;
         rc = lfs_tar_next(c->tar, &e, err);
@@ -1276,14 +1303,18 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result 
         c->e = e;
         rc = do_entry(c, e);
         if (rc < 0) goto out;
+        if (c->rec && (rc = lfs_rec_status(c->rec, err)) < 0) goto out;
     }
     c->e = NULL;
+    if (c->rec && (rc = lfs_tar_drain(c->tar, err)) < 0) goto out;
     rc = lfs_src_finish(src, &res->digests, err);
     if (rc < 0) goto out;
     rc = finish_dirs(c);
+    if (rc == 0 && c->rec) rc = lfs_rec_finish(c->rec, &res->digests, &res->record_size, err);
 out:
     chain_cut(c, 0);
     if (c->tar) lfs_tar_free(c->tar);
+    lfs_rec_free(c->rec);
     if (src) lfs_src_free(src);
     free(c->slots);
     free(c->dt);

@@ -10,6 +10,8 @@
  *   tar_write.c lfs_create: tar writer over an lfs_sink
  *   copy.c     lfs_copy_file / lfs_copy_tree
  *   scan.c     lfs_scan: entry records of a layer without extracting
+ *   tarsplit.c tar-split records written while applying (lfs_rec, used by
+ *              extract.c) and the stream rebuilt from them (lfs_reassemble)
  */
 #ifndef LAYERFS_INTERNAL_H
 #define LAYERFS_INTERNAL_H
@@ -117,6 +119,41 @@ int lfs_tar_next(lfs_tar *t, const lfs_entry **e, lfs_error *err);
  * in map order).  Returns bytes (>0), 0 at end of the entry's data, <0 error. */
 ssize_t lfs_tar_data(lfs_tar *t, const unsigned char **p, size_t max, lfs_error *err);
 void lfs_tar_free(lfs_tar *t);
+
+/* Byte hook: every byte lfs_tar consumes from its lfs_src is reported once, in
+ * stream order -- entry data handed out by lfs_tar_data as LFS_TAR_DATA, all
+ * else (headers, PAX/GNU extension headers and payloads, sparse maps, padding,
+ * data skipped unread, end blocks, and through lfs_tar_drain whatever follows
+ * the end of the archive) as LFS_TAR_RAW.  p is valid only during the call. */
+#define LFS_TAR_RAW 0
+#define LFS_TAR_DATA 1
+typedef void (*lfs_tar_hook)(void *arg, int kind, const unsigned char *p, size_t n);
+void lfs_tar_set_hook(lfs_tar *t, lfs_tar_hook fn, void *arg);
+/* After lfs_tar_next returned 0: consume the rest of the stream (as raw bytes). */
+int lfs_tar_drain(lfs_tar *t, lfs_error *err);
+
+/* ---- tar-split records (tarsplit.c) ----
+ * lfs_apply with opts->record: lfs_rec receives the byte hook of the parser and
+ * is told by the extractor which file each entry's data went to, and before
+ * anything is removed or replaced, so that content the layer wrote and later
+ * destroyed is kept in the record. */
+struct stat;
+typedef struct lfs_rec lfs_rec;
+/* Start a record on fd; root_fd: where captured content is spooled (O_TMPFILE). */
+int lfs_rec_open(lfs_rec **out, int fd, int root_fd, lfs_error *err);
+void lfs_rec_hook(void *rec, int kind, const unsigned char *p, size_t n);   /* an lfs_tar_hook */
+/* 0, or the first error the hook met (copied to *err). */
+int lfs_rec_status(const lfs_rec *r, lfs_error *err);
+/* The data of entry e (e->size > 0) is about to be written to the new regular
+ * file open on fd, at path[0..len) (normalised, reached without symlinks). */
+int lfs_rec_file(lfs_rec *r, int fd, const char *path, size_t len, const lfs_entry *e,
+                 lfs_error *err);
+/* dirfd/name (st: its lstat, or NULL) is about to be removed or replaced. */
+int lfs_rec_removing(lfs_rec *r, int dirfd, const char *name, const struct stat *st,
+                     lfs_error *err);
+/* After lfs_src_finish: write the rest of the record; *size: bytes written. */
+int lfs_rec_finish(lfs_rec *r, const lfs_digests *d, uint64_t *size, lfs_error *err);
+void lfs_rec_free(lfs_rec *r);
 
 /* ---- filesystem helpers (fsutil.c) ---- */
 /* Open the directory `path` beneath root_fd, resolving as if root_fd were "/"

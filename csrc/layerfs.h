@@ -70,6 +70,8 @@ typedef struct lfs_apply_opts {
     uint64_t max_entries;         /* 0: default 10,000,000 */
     uint64_t max_pax_size;        /* 0: default 1 MiB per PAX/GNU long header */
     uint64_t max_xattrs_size;     /* 0: default 1 MiB per entry */
+    int record;                   /* write a tar-split record of the layer to record_fd */
+    int record_fd;                /* (see lfs_reassemble); used only when record != 0 */
 } lfs_apply_opts;
 
 typedef struct lfs_apply_result {
@@ -78,6 +80,7 @@ typedef struct lfs_apply_result {
     uint64_t whiteouts;           /* whiteouts and opaque markers processed */
     uint64_t warnings;            /* owners/devices/xattrs skipped under the unprivileged options */
     char first_warning[512];
+    uint64_t record_size;         /* bytes written to record_fd (opts->record) */
 } lfs_apply_result;
 
 /* Apply the layer read from in_fd onto the directory root_fd. */
@@ -179,6 +182,35 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
              lfs_digests *out, lfs_error *err);
 
 int lfs_has_openat2(void);
+
+/* ---- tar-split records (csrc/tarsplit.c) ----
+ * lfs_apply with opts->record writes a record of the layer's tar stream: every
+ * byte that is not the content of a file it wrote (headers, extension headers,
+ * padding, end blocks, trailing bytes, content that went nowhere or that the
+ * layer itself replaced or removed later), and for the rest the path of the file
+ * holding it.  With the unpacked files, lfs_reassemble rebuilds the tar stream
+ * bit for bit (same DiffID).  The record must stay a regular file to be read. */
+
+typedef struct lfs_record_info {
+    unsigned char diff_id[32];    /* sha256 of the tar stream the record rebuilds */
+    uint64_t tar_size;            /* its size in bytes */
+    uint64_t files;               /* file contents read from the tree */
+    uint64_t captured;            /* of those, kept in the record (replaced in the layer) */
+    uint64_t kept_bytes;          /* tar bytes kept in the record (not counting captured) */
+    uint64_t record_size;         /* bytes of the record */
+} lfs_record_info;
+
+/* Rebuild the tar stream of record_fd (a regular file, read from its current
+ * offset to its end) from the files beneath root_fd, writing it to out_fd (-1:
+ * only check).  Files are opened in the root without following symlinks; one
+ * whose type, size or content differs is an error naming it (ESTALE), as is a
+ * stream whose sha256 differs from the recorded DiffID (EILSEQ) -- out_fd then
+ * received bytes that must be discarded.  A damaged record is EBADMSG. */
+int lfs_reassemble(int record_fd, int root_fd, int out_fd, lfs_digests *out, lfs_error *err);
+
+/* Read and check the trailer of the record on record_fd (from its current offset). */
+int lfs_record_read_info(int record_fd, lfs_record_info *out, lfs_error *err);
+/* ---- end of tar-split records ---- */
 
 /* ---- union filesystem (csrc/union.c; FUSE, libfuse3 low-level API) ----
  * AUFS-format layer directories (whiteouts are .wh.NAME files, opaque

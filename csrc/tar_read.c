@@ -12,6 +12,12 @@
  * Buffers are owned by the lfs_tar and reused from one entry to the next, and
  * entry data is handed out zero-copy from lfs_src_chunk.
  *
+ * A hook (lfs_tar_set_hook) may watch every byte consumed from the stream:
+ * entry data as lfs_tar_data hands it out, everything else (headers, extension
+ * headers, sparse maps, padding, data skipped unread, end blocks, and after
+ * lfs_tar_drain the bytes that follow the end) as raw bytes.  tarsplit.c keeps
+ * the raw bytes to rebuild the stream later.
+ *
  * Error offsets: the offset (in the uncompressed stream) of the header block
  * that is at fault; for faults of an entry as a whole (its data, its sparse
  * map) the offset of the entry's first header, as in lfs_entry.header_offset.
@@ -108,6 +114,8 @@ struct lfs_tar {
     size_t nxattrs, xattrs_cap;
     lfs_sparse *sparse;
     size_t nsparse, sparse_cap;
+    lfs_tar_hook hook;            /* reports every byte consumed (lfs_tar_set_hook) */
+    void *hook_arg;
 };
 
 static const unsigned char zero_block[LFS_BLOCK];
@@ -355,6 +363,22 @@ static ssize_t b64_decode(unsigned char *s, size_t n)
 
 /* ------------------------------------------------------------ stream access */
 
+/* Every read from the stream goes through these two, so that the hook sees
+ * each consumed byte once, in order; only lfs_tar_data reports LFS_TAR_DATA. */
+static ssize_t raw_chunk(lfs_tar *t, const unsigned char **p, size_t max, lfs_error *err)
+{
+    ssize_t r = lfs_src_chunk(t->src, p, max, err);
+    if (r > 0 && t->hook) t->hook(t->hook_arg, LFS_TAR_RAW, *p, (size_t)r);
+    return r;
+}
+
+static ssize_t raw_read(lfs_tar *t, void *buf, size_t n, lfs_error *err)
+{
+    ssize_t r = lfs_src_read(t->src, buf, n, err);
+    if (r > 0 && t->hook) t->hook(t->hook_arg, LFS_TAR_RAW, buf, (size_t)r);
+    return r;
+}
+
 static int truncated(lfs_tar *t, const char *entry, int64_t off, int64_t need, lfs_error *err)
 {
     return lfs_fail(err, EINVAL, off, NULL, entry,
@@ -368,7 +392,7 @@ static int skip_bytes(lfs_tar *t, int64_t n, int64_t need_extra, const char *ent
 {
     while (n > 0) {
         const unsigned char *p;
-        ssize_t r = lfs_src_chunk(t->src, &p, (size_t)n, err);
+        ssize_t r = raw_chunk(t, &p, (size_t)n, err);
         if (r < 0) {
             lfs_err_context(err, entry, off);
             return (int)r;
@@ -389,7 +413,7 @@ static int read_payload(lfs_tar *t, gbuf *b, int64_t n, const char *what, const 
                         "%s of %lld bytes exceeds the limit of %llu bytes", what,
                         (long long)n, (unsigned long long)t->max_pax);
     if (gbuf_reserve(b, (size_t)n + 1) < 0) return lfs_fail(err, ENOMEM, off, NULL, entry, "out of memory");
-    ssize_t r = lfs_src_read(t->src, b->p, (size_t)n, err);
+    ssize_t r = raw_read(t, b->p, (size_t)n, err);
     if (r < 0) {
         lfs_err_context(err, entry, off);
         return (int)r;
@@ -740,7 +764,7 @@ static int read_old_sparse(lfs_tar *t, const unsigned char *h, int64_t hoff, con
     unsigned char blk[LFS_BLOCK];
     while (ext) {
         int64_t boff = (int64_t)lfs_src_offset(t->src);
-        ssize_t got = lfs_src_read(t->src, blk, LFS_BLOCK, err);
+        ssize_t got = raw_read(t, blk, LFS_BLOCK, err);
         if (got < 0) {
             lfs_err_context(err, entry, boff);
             return (int)got;
@@ -772,7 +796,7 @@ static int read_sparse_map_1_0(lfs_tar *t, int64_t stored, int64_t off, const ch
     while (!done) {
         if (stored - *used < LFS_BLOCK)
             return lfs_fail(err, EINVAL, off, NULL, entry, "GNU sparse 1.0 map runs past the entry's data");
-        ssize_t got = lfs_src_read(t->src, blk, LFS_BLOCK, err);
+        ssize_t got = raw_read(t, blk, LFS_BLOCK, err);
         if (got < 0) {
             lfs_err_context(err, entry, off);
             return (int)got;
@@ -1072,7 +1096,7 @@ static int next_entry(lfs_tar *t, lfs_error *err)
 
     for (;;) {
         int64_t off = (int64_t)lfs_src_offset(t->src);
-        ssize_t got = lfs_src_read(t->src, t->hdr, LFS_BLOCK, err);
+        ssize_t got = raw_read(t, t->hdr, LFS_BLOCK, err);
         if (got < 0) {
             lfs_err_context(err, name_so_far(t), off);
             return (int)got;
@@ -1082,7 +1106,7 @@ static int next_entry(lfs_tar *t, lfs_error *err)
             return truncated(t, name_so_far(t), off, LFS_BLOCK - got, err);
         if (memcmp(t->hdr, zero_block, LFS_BLOCK) == 0) {
             int64_t off2 = off + LFS_BLOCK;
-            got = lfs_src_read(t->src, t->hdr, LFS_BLOCK, err);
+            got = raw_read(t, t->hdr, LFS_BLOCK, err);
             if (got < 0) {
                 lfs_err_context(err, NULL, off2);
                 return (int)got;
@@ -1202,7 +1226,28 @@ ssize_t lfs_tar_data(lfs_tar *t, const unsigned char **p, size_t max, lfs_error 
         return fail_state(t, truncated(t, t->e.path, t->e.header_offset,
                                        t->data_left + t->skip_after, err));
     t->data_left -= n;
+    if (t->hook) t->hook(t->hook_arg, LFS_TAR_DATA, *p, (size_t)n);
     return n;
+}
+
+void lfs_tar_set_hook(lfs_tar *t, lfs_tar_hook fn, void *arg)
+{
+    t->hook = fn;
+    t->hook_arg = arg;
+}
+
+int lfs_tar_drain(lfs_tar *t, lfs_error *err)
+{
+    if (t->state < 0)
+        return lfs_fail(err, -t->state, -1, NULL, NULL, "tar reader used after an error");
+    if (t->state != 1)
+        return lfs_fail(err, EINVAL, -1, NULL, NULL, "tar reader drained before the end of the archive");
+    for (;;) {
+        const unsigned char *p;
+        ssize_t r = raw_chunk(t, &p, (size_t)1 << 20, err);
+        if (r < 0) return fail_state(t, (int)r);
+        if (r == 0) return 0;
+    }
 }
 
 void lfs_tar_free(lfs_tar *t)

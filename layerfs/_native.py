@@ -92,6 +92,7 @@ class ApplyResult:
     whiteouts: int
     warnings: int
     first_warning: Optional[str]
+    record_size: int = 0           # bytes of the tar-split record written (record_fd)
 
 
 IdMap = Sequence[Tuple[int, int, int]]  # (inner, outer, count)
@@ -112,8 +113,11 @@ def apply(in_fd: int, root_fd: int, *, compression: int = COMP_AUTO,
           gid_map: Optional[IdMap] = None, skip_devices: bool = False,
           no_xattrs: bool = False, threads: int = 0, max_entries: int = 0,
           max_pax_size: int = 0, max_xattrs_size: int = 0,
-          name: Optional[str] = None) -> ApplyResult:
-    """Apply the layer stream on in_fd to the directory root_fd (lfs_apply)."""
+          record_fd: Optional[int] = None, name: Optional[str] = None) -> ApplyResult:
+    """Apply the layer stream on in_fd to the directory root_fd (lfs_apply).
+
+    record_fd: also write a tar-split record of the stream there (see reassemble).
+    """
     opts = ffi.new("lfs_apply_opts *")
     opts.compression = compression
     opts.whiteouts = WHITEOUT_MODES[whiteouts]
@@ -129,6 +133,9 @@ def apply(in_fd: int, root_fd: int, *, compression: int = COMP_AUTO,
     opts.max_entries = max_entries
     opts.max_pax_size = max_pax_size
     opts.max_xattrs_size = max_xattrs_size
+    if record_fd is not None:
+        opts.record = 1
+        opts.record_fd = record_fd
     res = ffi.new("lfs_apply_result *")
     err = _new_error()
     rc = lib.lfs_apply(in_fd, root_fd, opts, res, err)
@@ -136,7 +143,7 @@ def apply(in_fd: int, root_fd: int, *, compression: int = COMP_AUTO,
         _raise(rc, err, source=name or "<stream>")
     warn = _str(res.first_warning)
     return ApplyResult(_digests(res.digests), int(res.entries), int(res.whiteouts),
-                       int(res.warnings), warn or None)
+                       int(res.warnings), warn or None, int(res.record_size))
 
 
 def digest_stream(in_fd: int, compression: int = COMP_AUTO, name: Optional[str] = None) -> Digests:
@@ -352,6 +359,43 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
     if failure:
         raise failure[0]
     return entries, _digests(out[0])
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """What a tar-split record says about itself (lfs_record_read_info)."""
+    diff_id: str         # "sha256:<hex>" of the tar stream it rebuilds
+    tar_size: int
+    files: int           # file contents read from the tree
+    captured: int        # file contents kept in the record instead
+    kept_bytes: int      # tar bytes kept in the record (headers, padding, ...)
+    record_size: int
+
+
+def reassemble(record_fd: int, root_fd: int, out_fd: int = -1,
+               name: Optional[str] = None) -> Digests:
+    """Rebuild a layer's tar stream from its record and tree (lfs_reassemble).
+
+    out_fd -1 only checks.  The stream's sha256 is compared with the recorded
+    DiffID; on any error out_fd may have received a partial or wrong stream.
+    """
+    out = ffi.new("lfs_digests *")
+    err = _new_error()
+    rc = lib.lfs_reassemble(record_fd, root_fd, out_fd, out, err)
+    if rc < 0:
+        _raise(rc, err, name)
+    return _digests(out[0])
+
+
+def record_info(record_fd: int, name: Optional[str] = None) -> RecordInfo:
+    out = ffi.new("lfs_record_info *")
+    err = _new_error()
+    rc = lib.lfs_record_read_info(record_fd, out, err)
+    if rc < 0:
+        _raise(rc, err, name)
+    return RecordInfo("sha256:" + bytes(ffi.buffer(out.diff_id, 32)).hex(), int(out.tar_size),
+                      int(out.files), int(out.captured), int(out.kept_bytes),
+                      int(out.record_size))
 
 
 def has_openat2() -> bool:

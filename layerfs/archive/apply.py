@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from .. import _native
 from ..digest import parse_digest
 from ..errors import DigestMismatch, LayerError
-from .._io import Source, open_source, source_name
+from .._io import Source, open_output, open_source, source_name
 
 IdMap = Sequence[Tuple[int, int, int]]
 
@@ -51,9 +51,11 @@ def _check(name: str, what: str, expected: Optional[str], actual: str) -> None:
 
 
 def _apply_fd(fd: int, name: str, root_fd: int, compression: int, options: dict,
-              expected_digest: Optional[str], expected_diff_id: Optional[str]) -> ApplyResult:
+              expected_digest: Optional[str], expected_diff_id: Optional[str],
+              record_fd: Optional[int] = None) -> ApplyResult:
     try:
-        r = _native.apply(fd, root_fd, compression=compression, name=name, **options)
+        r = _native.apply(fd, root_fd, compression=compression, name=name,
+                          record_fd=record_fd, **options)
     except LayerError as e:
         if not e.filename:
             e.filename = name
@@ -129,13 +131,16 @@ def _verify_first(source: Source, compression: int, expected_digest, expected_di
 
 def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
                   expected: Optional[Sequence[Tuple[Optional[str], Optional[str]]]] = None,
-                  progress=None, **options) -> List[ApplyResult]:
+                  progress=None, records: Optional[Sequence] = None,
+                  **options) -> List[ApplyResult]:
     """Apply several layers in order onto dest (flatten an image).
 
     When dest is missing or empty, everything is staged in a temp directory beside
     it and renamed into place at the end: any failure leaves dest as it was.
     ``expected`` gives (digest, diff_id) per layer (either may be None).
     ``progress(i, name, result)`` is called after each layer.
+    ``records`` gives per layer a tar-split record output (path or binary file,
+    or None); see :mod:`layerfs.archive.tarsplit`.
     """
     for k in options:
         if k not in _OPTION_NAMES:
@@ -144,6 +149,9 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
     expected = list(expected) if expected is not None else [(None, None)] * len(sources)
     if len(expected) != len(sources):
         raise ValueError("expected must give one (digest, diff_id) pair per layer")
+    records = list(records) if records is not None else [None] * len(sources)
+    if len(records) != len(sources):
+        raise ValueError("records must give one record output (or None) per layer")
     comp = _compression_code(compression)
     dest = os.fsdecode(dest)
     staged = not os.path.lexists(dest) or _is_empty_dir(dest)
@@ -153,13 +161,18 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for i, (src, (exp_digest, exp_diff)) in enumerate(zip(sources, expected)):
+            for i, (src, (exp_digest, exp_diff), rec) in enumerate(zip(sources, expected, records)):
                 spool = None
                 if not staged and (exp_digest or exp_diff):
                     src, spool = _verify_first(src, comp, exp_digest, exp_diff)
                 try:
                     with open_source(src) as (fd, name):
-                        r = _apply_fd(fd, name, root_fd, comp, options, exp_digest, exp_diff)
+                        if rec is None:
+                            r = _apply_fd(fd, name, root_fd, comp, options, exp_digest, exp_diff)
+                        else:
+                            with open_output(rec) as (rfd, _):
+                                r = _apply_fd(fd, name, root_fd, comp, options, exp_digest,
+                                              exp_diff, rfd)
                 finally:
                     if spool is not None:
                         spool.close()
@@ -179,7 +192,7 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
 
 def apply_layer(source: Source, dest, *, compression: str = "auto",
                 expected_digest: Optional[str] = None, expected_diff_id: Optional[str] = None,
-                **options) -> ApplyResult:
+                record=None, **options) -> ApplyResult:
     """Apply one layer (path or binary stream; gzip, zstd or plain tar) onto dest.
 
     Options: whiteouts ("apply", "overlay", "keep"), overlay_user_xattr, owners
@@ -187,6 +200,10 @@ def apply_layer(source: Source, dest, *, compression: str = "auto",
     skip_devices, no_xattrs, threads, max_entries, max_pax_size, max_xattrs_size.
     If an expected digest or DiffID is given and does not match, DigestMismatch is
     raised and nothing the call wrote remains visible.
+    record (path or binary file): also write a tar-split record, from which
+    :func:`layerfs.archive.tarsplit.reassemble` rebuilds the layer's tar stream
+    from dest; a path is written beside itself and renamed into place on success.
     """
     return unpack_layers([source], dest, compression=compression,
-                         expected=[(expected_digest, expected_diff_id)], **options)[0]
+                         expected=[(expected_digest, expected_diff_id)], records=[record],
+                         **options)[0]
