@@ -56,6 +56,7 @@ def test_start_does_not_sweep_a_layer_another_process_is_staging(make_driver):
         holder.wait()
 
 
+@pytest.mark.parametrize("driver_name", ["overlay"])
 def test_diff_closed_early_leaves_no_view_mounted(make_driver):
     """The exact-diff views stayed mounted when the reader closed the stream early."""
     d = make_driver("overlay", mount_options=["redirect_dir=on"])
@@ -71,6 +72,7 @@ def test_diff_closed_early_leaves_no_view_mounted(make_driver):
     assert not [m for m in mounts_under(d.root) if "/staging/" in m]
 
 
+@pytest.mark.parametrize("driver_name", ["overlay"])
 def test_fuse_overlayfs_private_xattrs_stay_out_of_the_diff(make_driver):
     """fuse-overlayfs keeps user.fuseoverlayfs.* xattrs in the upper dir; the
     native diff copied them into the layer."""
@@ -85,6 +87,7 @@ def test_fuse_overlayfs_private_xattrs_stay_out_of_the_diff(make_driver):
     assert not [k for k in members["a"].info.pax_headers if "fuseoverlayfs" in k]
 
 
+@pytest.mark.parametrize("driver_name", ["overlay"])
 def test_remount_of_a_container_layer_after_a_crash(make_driver):
     """A work dir left as a crashed mount left it (work/work inside) must not stop
     the next mount."""
