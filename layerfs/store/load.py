@@ -1,0 +1,327 @@
+"""Bringing images into the store: ``load`` (OCI layouts, docker-archives) and
+``import`` (a root filesystem tarball as a one-layer image).
+
+For each layer of an image, bottom first:
+
+- a layer whose ChainID the store has is reused (only a missing blob is copied);
+- otherwise its blob is copied into tmp/ (reflink or copy_file_range from a
+  directory source; a thread copies the next blobs while a layer is applied),
+  then applied into a new driver layer (id: the ChainID hex) with a tar-split
+  record, both digests checked; the blob is renamed into blobs/ and the layer's
+  record directory into layers/ -- only then does the layer exist.
+
+An uncompressed layer blob is the layer tar itself: when a tar-split record is
+kept it is applied straight from the source and not stored (the record
+regenerates it bit for bit).  The config and manifest blobs come next, the
+image record last, then its names.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import datetime
+import fcntl
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+from ..digest import layer_digests, sha256_file
+from ..errors import DigestMismatch
+from ..images import SourceImage, open_image_source
+from ..images.manifest import (OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
+                               OCI_MANIFEST, Descriptor, Platform, canonical_json,
+                               current_platform, layer_compression, parse_platform,
+                               sha256_bytes)
+from ._fs import copy_blob_file, fsync_dir, remove_path, tmp_name, write_json_atomic
+from .progress import NULL, Progress, Task, watching
+from .records import ImageLayer, ImageRecord, LayerRecord, hex_of
+
+__all__ = ["LoadedImage", "load", "import_rootfs", "create_layer"]
+
+
+@dataclass
+class LoadedImage:
+    image: ImageRecord
+    names: List[str]
+    tags: List[str] = field(default_factory=list)   # bare tags that became no name
+    new_layers: int = 0
+    reused_layers: int = 0
+    blobs_written: int = 0
+    bytes_written: int = 0
+
+    @property
+    def stored_nothing(self) -> bool:
+        return self.new_layers == 0 and self.blobs_written == 0
+
+    def to_json(self) -> dict:
+        return {"id": self.image.id, "manifest_digest": self.image.manifest_digest,
+                "names": self.names, "tags": self.tags, "layers": len(self.image.layers),
+                "new_layers": self.new_layers, "reused_layers": self.reused_layers,
+                "blobs_written": self.blobs_written, "bytes_written": self.bytes_written}
+
+
+def _keeps_blob(store, media_type: str, has_record: bool) -> bool:
+    try:
+        comp = layer_compression(media_type)
+    except ValueError:
+        comp = "unknown"
+    return comp != "none" or not (has_record and store.records)
+
+
+def _fetch(store, src, desc: Descriptor) -> str:
+    """Copy a layer blob from the source into tmp/ (size checked; the digest is
+    checked by whoever reads it next)."""
+    tmp = tmp_name(store.tmp_dir, "blob")
+    path = src.blob_path(desc.digest)
+    try:
+        if path is not None:
+            copy_blob_file(path, tmp)
+        else:
+            with src.open_blob(desc.digest) as f, open(tmp, "xb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+        size = os.stat(tmp).st_size
+        if size != desc.size:
+            raise DigestMismatch(f"layer blob {desc.digest}: {size} bytes, the manifest says "
+                                 f"{desc.size}", path or src.path)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    return tmp
+
+
+def create_layer(store, chain_id: str, parent: Optional[str], diff_id: str,
+                 expected_digest: Optional[str], source,
+                 task: Task = Task()) -> Tuple[LayerRecord, bool]:
+    """Make the layer chain_id on parent from a layer blob (path or stream), unless
+    it exists: (record, whether this call made it).  The layer is visible only
+    once complete; anything half-made is removed."""
+    lock = store.layer_lock(chain_id)
+    lock.acquire(fcntl.LOCK_EX)
+    try:
+        rec = store.layer(chain_id)
+        if rec is not None:
+            return rec, False
+        hexid = hex_of(chain_id)
+        store._remove_driver_layer(hexid)          # left by a process that died
+        stage = tmp_name(store.tmp_dir, f"layer-{hexid[:12]}")
+        os.mkdir(stage, 0o700)
+        made = False
+        try:
+            store.driver.create(hexid, hex_of(parent) if parent else None)
+            made = True
+            opts: Dict[str, object] = {}
+            record = os.path.join(stage, "tar-split")
+            if store.records:
+                opts["record"] = record
+            with watching(source, task) as arg:
+                r = store.driver.apply_diff(hexid, arg, **opts)
+            label = getattr(source, "name", source) if not isinstance(source, str) else source
+            if expected_digest is not None and r.digest != expected_digest:
+                raise DigestMismatch(f"layer blob has digest {r.digest}, the manifest says "
+                                     f"{expected_digest}", str(label))
+            if r.diff_id != diff_id:
+                raise DigestMismatch(f"layer {expected_digest or ''} has DiffID {r.diff_id}, "
+                                     f"the config says {diff_id}", str(label))
+            rec = LayerRecord(chain_id, diff_id, parent, r.tar_size, time.time(),
+                              store.driver_name, record=bool(opts),
+                              record_size=os.stat(record).st_size if opts else 0,
+                              entries=r.entries)
+            write_json_atomic(os.path.join(stage, "layer.json"), rec.to_json(), stage,
+                              sync=store.durable)
+            os.rename(stage, store.layer_dir(chain_id))
+            if store.durable:
+                fsync_dir(os.path.dirname(store.layer_dir(chain_id)))
+            task.done()
+            return rec, True
+        except BaseException:
+            remove_path(stage)
+            if made:
+                with contextlib.suppress(Exception):
+                    store._remove_driver_layer(hexid)
+            raise
+    finally:
+        lock.release()
+
+
+def _commit_fetched(store, tmp: str, digest: str, verify: bool) -> None:
+    if verify:
+        actual = sha256_file(tmp)
+        if actual != digest:
+            remove_path(tmp)
+            raise DigestMismatch(f"layer blob has digest {actual}, the manifest says {digest}",
+                                 tmp)
+    if store.durable:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    store.commit_blob_file(tmp, digest)
+
+
+def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
+                progress: Progress, pool: cf.ThreadPoolExecutor) -> LoadedImage:
+    chain = img.chain_ids
+    plan = []
+    fetches: Dict[int, cf.Future] = {}
+    for i, (desc, diff_id, cid) in enumerate(zip(img.layers, img.diff_ids, chain)):
+        rec = store.layer(cid)
+        has_record = rec.record if rec is not None else store.records
+        keep = _keeps_blob(store, desc.media_type, has_record)
+        plan.append((desc, diff_id, cid, rec, keep))
+        if keep and not store.has_blob(desc.digest):
+            fetches[i] = pool.submit(_fetch, store, src, desc)
+    out = LoadedImage(image=None, names=[])  # type: ignore[arg-type]
+    try:
+        for i, (desc, diff_id, cid, rec, keep) in enumerate(plan):
+            parent = chain[i - 1] if i else None
+            if rec is None:
+                task = progress.task(f"layer {i + 1}/{len(plan)} {hex_of(desc.digest)[:12]}",
+                                     desc.size)
+                if i in fetches:
+                    source: Union[str, object] = fetches[i].result()
+                else:
+                    source = src.blob_path(desc.digest) or src.open_blob(desc.digest)
+                _, made = create_layer(store, cid, parent, diff_id, desc.digest, source, task)
+                if made:
+                    out.new_layers += 1
+                else:
+                    out.reused_layers += 1      # another process made it meanwhile
+                if i in fetches:
+                    # the apply checked the copy's digest only if this call applied it
+                    _commit_fetched(store, source, desc.digest, verify=not made)  # type: ignore
+                    out.blobs_written += 1
+                    out.bytes_written += desc.size
+                elif not isinstance(source, str):
+                    source.close()  # type: ignore[attr-defined]
+                task.done()
+            else:
+                out.reused_layers += 1
+                if i in fetches:
+                    _commit_fetched(store, fetches[i].result(), desc.digest, verify=True)
+                    out.blobs_written += 1
+                    out.bytes_written += desc.size
+    except BaseException:
+        for f in fetches.values():
+            f.cancel()
+        for f in fetches.values():
+            with contextlib.suppress(BaseException):
+                remove_path(f.result())
+        raise
+    for digest, data in ((img.config_digest, img.config_bytes),
+                         (img.manifest_digest, img.manifest_bytes)):
+        if not store.has_blob(digest):
+            store.put_blob_bytes(digest, data)
+            out.blobs_written += 1
+    rec_img = store.image(img.manifest_digest)
+    if rec_img is None:
+        cfg = img.config if isinstance(img.config, dict) else {}
+        rec_img = ImageRecord(
+            img.manifest_digest, img.manifest_media_type, len(img.manifest_bytes),
+            img.config_digest, img.config_media_type or OCI_CONFIG, len(img.config_bytes),
+            [ImageLayer(cid, diff, d.digest, d.media_type, d.size)
+             for d, diff, cid in zip(img.layers, img.diff_ids, chain)],
+            str(img.platform) if img.platform else None,
+            cfg.get("created") if isinstance(cfg.get("created"), str) else None,
+            time.time(), str(src.path))
+        store.put_image(rec_img)
+    out.image = rec_img
+    want = list(names) if names is not None else list(img.names)
+    store.set_names(img.manifest_digest, want)
+    out.names = store.names_of(img.manifest_digest)
+    out.tags = [] if want else list(img.tags)
+    return out
+
+
+def load(store, source, *, platform: Union[Platform, str, None] = None,
+         base_name: Optional[str] = None, names: Optional[List[str]] = None,
+         progress: Progress = NULL) -> List[LoadedImage]:
+    """Load every image of an OCI layout or docker-archive (directory, tarball or
+    transport reference; an index narrowed to ``platform``).  ``base_name`` turns
+    bare OCI tags into names; ``names`` replaces the source's names."""
+    with store.reading():
+        with open_image_source(source, platform=platform, base_name=base_name) as src:
+            images = src.images()
+            if not images:
+                from ..errors import NotFound
+                raise NotFound("the source holds no image", str(src.path))
+            with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerfs-fetch") as pool:
+                return [_load_image(store, src, img, names, progress, pool) for img in images]
+
+
+# --- import --------------------------------------------------------------------------------
+
+_MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc) \
+        .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def import_rootfs(store, tarball, name: Optional[str] = None, *,
+                  message: Optional[str] = None, platform: Union[Platform, str, None] = None,
+                  config: Optional[dict] = None, progress: Progress = NULL) -> LoadedImage:
+    """Make a one-layer image of a root filesystem tarball (plain, gzip or zstd),
+    as ``docker import`` does: an OCI config with rootfs.diff_ids and a history
+    entry, an OCI manifest; named ``name`` when given."""
+    tarball = os.fspath(tarball)
+    plat = current_platform() if platform is None else \
+        parse_platform(platform) if isinstance(platform, str) else platform
+    with store.reading():
+        d = layer_digests(tarball)
+        media = _MEDIA[d.compression]
+        chain_id = d.diff_id
+        rec = store.layer(chain_id)
+        keep = _keeps_blob(store, media, rec.record if rec is not None else store.records)
+        out = LoadedImage(image=None, names=[])  # type: ignore[arg-type]
+        tmp = None
+        if keep and not store.has_blob(d.digest):
+            tmp = tmp_name(store.tmp_dir, "blob")
+            copy_blob_file(tarball, tmp)
+        try:
+            if rec is None:
+                task = progress.task(f"layer {hex_of(d.diff_id)[:12]}", d.compressed_size)
+                _, made = create_layer(store, chain_id, None, d.diff_id, d.digest,
+                                       tmp or tarball, task)
+            else:
+                made = False
+            out.new_layers, out.reused_layers = (1, 0) if made else (0, 1)
+            if tmp is not None:
+                _commit_fetched(store, tmp, d.digest, verify=not made)
+                out.blobs_written += 1
+                out.bytes_written += d.compressed_size
+        except BaseException:
+            if tmp is not None:
+                remove_path(tmp)
+            raise
+        created = _rfc3339(time.time())
+        doc = {"created": created, "architecture": plat.architecture, "os": plat.os}
+        if plat.variant:
+            doc["variant"] = plat.variant
+        doc["config"] = dict(config or {})
+        doc["rootfs"] = {"type": "layers", "diff_ids": [d.diff_id]}
+        doc["history"] = [{"created": created,
+                           "created_by": f"layerfs import {os.path.basename(tarball)}",
+                           "comment": message or f"Imported from {os.path.basename(tarball)}"}]
+        cbytes = canonical_json(doc)
+        cdigest = sha256_bytes(cbytes)
+        mbytes = canonical_json({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": len(cbytes)},
+            "layers": [{"mediaType": media, "digest": d.digest, "size": d.compressed_size}]})
+        mdigest = sha256_bytes(mbytes)
+        store.put_blob_bytes(cdigest, cbytes)
+        store.put_blob_bytes(mdigest, mbytes)
+        img = ImageRecord(mdigest, OCI_MANIFEST, len(mbytes), cdigest, OCI_CONFIG, len(cbytes),
+                          [ImageLayer(chain_id, d.diff_id, d.digest, media, d.compressed_size)],
+                          str(plat), created, time.time(), os.path.abspath(tarball))
+        store.put_image(img)
+        out.blobs_written += 2
+        out.image = img
+        if name:
+            store.set_names(mdigest, [name])
+        out.names = store.names_of(mdigest)
+        return out
