@@ -25,14 +25,13 @@ from .engine import Change, Summary
 
 JSON_VERSION = 1
 
-_ORDER = ("type", "content", "size", "mode", "uid", "gid", "mtime", "linkname", "rdev",
-          "hardlinks", "opaque")
+_ORDER = ("type", "content", "size", "linkname", "mode", "uid", "gid", "rdev", "xattr",
+          "hardlinks", "opaque", "mtime")
 
 
 def _field_order(name: str):
-    if name.startswith("xattr:"):
-        return (len(_ORDER) + 1, name)
-    return (_ORDER.index(name) if name in _ORDER else len(_ORDER), name)
+    key = "xattr" if name.startswith("xattr:") else name
+    return (_ORDER.index(key) if key in _ORDER else len(_ORDER), name)
 
 
 def _short(digest: Optional[str]) -> str:

@@ -1,0 +1,334 @@
+"""Diff sources: directories, layer tarballs, layer stacks, images, overlay upper dirs.
+
+The effective view of a stack is checked against the real thing: the layers
+applied by layerfs.archive into a directory, compared with the engine.
+"""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from layerfs.archive import create_layer, unpack_layers
+from layerfs.diff import compare, open_source
+from layerfs.diff.sources import (DirectorySource, LayerStackSource, OverlayUpperSource,
+                                  detect_file, layer_stack)
+from layerfs.errors import NotFound, NotSupported
+
+T0 = 1_700_000_000_123_456_789
+# vfs_cap_data v2: effective, CAP_NET_RAW permitted
+CAP_NET_RAW = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+# ----------------------------------------------------------------- helpers (shared)
+
+def mk(root: Path, rel: str, data: bytes = b"", mode: int = 0o644, mtime_ns: int = T0,
+       uid: int = 0, gid: int = 0, xattrs=None) -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    os.chown(p, uid, gid)
+    os.chmod(p, mode)
+    for k, v in (xattrs or {}).items():
+        os.setxattr(p, k, v)
+    os.utime(p, ns=(mtime_ns, mtime_ns))
+    return p
+
+
+def gnu_tar(tree: Path, out: Path, *, fmt: str = "posix", compress: str = "") -> Path:
+    """A layer tarball of tree made with GNU tar."""
+    xattrs = ["--xattrs", "--xattrs-include=*"] if fmt == "posix" else []   # PAX only
+    argv = ["tar", "--sort=name", "--numeric-owner", *xattrs,
+            f"--format={fmt}", "-C", str(tree), "-cf", "-", "."]
+    data = subprocess.run(argv, check=True, capture_output=True).stdout
+    if compress == "gzip":
+        data = subprocess.run(["gzip", "-n", "-c"], input=data, check=True,
+                              capture_output=True).stdout
+    elif compress == "zstd":
+        data = subprocess.run(["zstd", "-q", "-c"], input=data, check=True,
+                              capture_output=True).stdout
+    out.write_bytes(data)
+    return out
+
+
+class TarBuilder:
+    """Hand-made layer tarballs (whiteouts, opaque markers, hardlinks) with tarfile."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.tf = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)
+
+    def _info(self, name, type_, mode=0o644, mtime=1_700_000_000, uid=0, gid=0):
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.mtime, ti.uid, ti.gid = type_, mode, mtime, uid, gid
+        return ti
+
+    def dir(self, name, mode=0o755, **kw):
+        self.tf.addfile(self._info(name, tarfile.DIRTYPE, mode, **kw))
+        return self
+
+    def file(self, name, data=b"", mode=0o644, **kw):
+        ti = self._info(name, tarfile.REGTYPE, mode, **kw)
+        ti.size = len(data)
+        self.tf.addfile(ti, io.BytesIO(data))
+        return self
+
+    def symlink(self, name, target, **kw):
+        ti = self._info(name, tarfile.SYMTYPE, 0o777, **kw)
+        ti.linkname = target
+        self.tf.addfile(ti)
+        return self
+
+    def hardlink(self, name, target, **kw):
+        ti = self._info(name, tarfile.LNKTYPE, **kw)
+        ti.linkname = target
+        self.tf.addfile(ti)
+        return self
+
+    def whiteout(self, name):
+        d, _, base = name.rpartition("/")
+        return self.file((d + "/" if d else "") + ".wh." + base, mtime=0)
+
+    def opaque(self, dirname):
+        return self.file(dirname.rstrip("/") + "/.wh..wh..opq", mtime=0)
+
+    def write(self, path: Path) -> Path:
+        self.tf.close()
+        path.write_bytes(self.buf.getvalue())
+        return path
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_image(layers, history=None, names=("example.com/test/img:1",)):
+    """An ImageToWrite of layer tarball paths (plain or compressed)."""
+    from layerfs.digest import layer_digests
+    from layerfs.images import ImageToWrite, LayerToWrite, open_decompressed
+    from layerfs.images.manifest import Descriptor
+    media = {"none": "application/vnd.oci.image.layer.v1.tar",
+             "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+             "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
+    descs, diff_ids, lws = [], [], []
+    for p in layers:
+        d = layer_digests(str(p))
+        desc = Descriptor(media[d.compression], d.digest, d.compressed_size)
+        descs.append(desc)
+        diff_ids.append(d.diff_id)
+        lws.append(LayerToWrite(desc, d.diff_id, (lambda q=p: open(q, "rb")),
+                                (lambda q=p: open_decompressed(open(q, "rb")))))
+    hist = history or [{"created_by": f"step {i}"} for i in range(len(layers))]
+    config = {"architecture": "amd64", "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids}, "history": hist}
+    cbytes = json.dumps(config, sort_keys=True).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": sha256(cbytes), "size": len(cbytes)},
+                "layers": [d.to_json() for d in descs]}
+    mbytes = json.dumps(manifest, sort_keys=True).encode()
+    return ImageToWrite(list(names), mbytes, sha256(mbytes),
+                        "application/vnd.oci.image.manifest.v1+json", cbytes, sha256(cbytes), lws)
+
+
+def write_oci(layers, dest: Path, *, tar: bool = False, history=None) -> Path:
+    from layerfs.images import write_oci_layout
+    write_oci_layout([make_image(layers, history)], dest, tar=tar)
+    return dest
+
+
+def write_docker(layers, dest: Path, history=None) -> Path:
+    from layerfs.images import write_docker_archive
+    write_docker_archive([make_image(layers, history)], dest)
+    return dest
+
+
+def changes(a, b, **kw):
+    return [(c.code, c.path, sorted(c.fields)) for c in compare(a, b, **kw)]
+
+
+def sample_tree(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    mk(root, "etc/hosts", b"127.0.0.1 localhost\n")
+    mk(root, "etc/passwd", b"root:x:0:0::/root:/bin/sh\n", mtime_ns=1_600_000_000_000_000_000)
+    mk(root, "usr/bin/ping", b"\x7fELF" + b"p" * 5000, mode=0o4755,
+       xattrs={"security.capability": CAP_NET_RAW})
+    mk(root, "usr/bin/tool", b"tool", mode=0o755, uid=1000, gid=100)
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool2")
+    os.symlink("usr/bin", root / "bin")
+    mk(root, "var/empty", b"")
+    (root / "var/cache").mkdir()
+    os.mknod(root / "var/null", 0o20666, os.makedev(1, 3))
+    for d in ("etc", "usr/bin", "usr", "var/cache", "var"):
+        os.utime(root / d, ns=(T0, T0))
+    return root
+
+
+# ----------------------------------------------------------------- directories
+
+def test_directory_map(tmp_path):
+    root = sample_tree(tmp_path / "t")
+    m = DirectorySource(root).entries()
+    assert m["/"].type == "dir"
+    assert m["/etc/hosts"].type == "file" and m["/etc/hosts"].size == 20
+    assert m["/usr/bin/ping"].mode == 0o4755
+    assert m["/usr/bin/ping"].xattrs == {"security.capability": CAP_NET_RAW}
+    assert m["/bin"].type == "symlink" and m["/bin"].linkname == "usr/bin"
+    assert m["/var/null"].type == "char" and m["/var/null"].rdev == (1, 3)
+    assert m["/usr/bin/tool"].link == m["/usr/bin/tool2"].link is not None
+    assert m["/usr/bin/tool"].uid == 1000 and m["/usr/bin/tool"].gid == 100
+    assert m["/etc/hosts"].mtime_ns == T0
+    assert m["/etc/hosts"].digest is None           # content is read only when needed
+
+
+def test_same_tree_in_every_container_compares_equal(tmp_path):
+    """A directory, GNU tar (posix, gnu formats; plain, gzip, zstd), create_layer,
+    an OCI layout (directory and tar) and a docker-archive of the same tree."""
+    root = sample_tree(tmp_path / "t")
+    forms = {
+        "posix": gnu_tar(root, tmp_path / "p.tar"),
+        "gnu": gnu_tar(root, tmp_path / "g.tar", fmt="gnu"),
+        "gz": gnu_tar(root, tmp_path / "p.tar.gz", compress="gzip"),
+        "zst": gnu_tar(root, tmp_path / "p.tar.zst", compress="zstd"),
+    }
+    created = tmp_path / "c.tar.gz"
+    create_layer(root, created, compression="gzip")
+    forms["create_layer"] = created
+    forms["oci-dir"] = f"oci:{write_oci([created], tmp_path / 'oci')}"
+    forms["oci-tar"] = write_oci([forms['zst']], tmp_path / "oci.tar", tar=True)
+    forms["docker"] = f"docker-archive:{write_docker([created], tmp_path / 'd.tar')}"
+    for name, f in forms.items():
+        ign = ["xattr"] if name == "gnu" else []      # the gnu format has no xattrs
+        assert changes(root, f, ignore=ign) == [], name
+        assert changes(f, root, ignore=ign) == [], name
+    assert changes(forms["oci-dir"], forms["docker"]) == []
+
+
+def test_gnu_format_mtime_matches_within_the_second(tmp_path):
+    root = tmp_path / "t"
+    mk(root, "f", b"x", mtime_ns=1_700_000_000_900_000_000)
+    gnu = gnu_tar(root, tmp_path / "g.tar", fmt="gnu")
+    assert changes(root, gnu) == []
+    os.utime(root / "f", ns=(1_700_000_001_100_000_000,) * 2)
+    assert changes(gnu, root) == [("M", "/f", ["mtime"])]
+
+
+# ----------------------------------------------------------------- stacks
+
+def _stack(tmp_path):
+    l0 = (TarBuilder().dir("etc").file("etc/a", b"a0").file("etc/b", b"b0")
+          .dir("opt").dir("opt/sub").file("opt/sub/x", b"x").file("opt/y", b"y")
+          .file("keep", b"k").hardlink("keep2", "keep")
+          .write(tmp_path / "l0.tar"))
+    # whiteouts before and after the entries they would hit in the same layer;
+    # opaque opt: lower content hidden, this layer's own kept
+    l1 = (TarBuilder().whiteout("etc/a").file("etc/b", b"b1", mode=0o600)
+          .file("opt/new", b"n").opaque("opt").file("etc/c", b"c1").whiteout("etc/c")
+          .write(tmp_path / "l1.tar"))
+    l2 = (TarBuilder().file("etc/a", b"a2").symlink("opt/sub", "/etc").file("keep", b"K")
+          .write(tmp_path / "l2.tar"))
+    return [l0, l1, l2]
+
+
+def test_effective_view_matches_applied_layers(tmp_path):
+    layers = _stack(tmp_path)
+    for upto in range(3):
+        dest = tmp_path / f"applied{upto}"
+        unpack_layers([str(p) for p in layers[:upto + 1]], dest)
+        src = layer_stack(layers, upto=upto)
+        assert changes(src, dest) == [], upto
+        assert changes(dest, layer_stack(layers, upto=upto)) == [], upto
+
+
+def test_effective_view_entries(tmp_path):
+    m = layer_stack(_stack(tmp_path)).entries()
+    assert "/etc/c" in m              # a whiteout acts on lower layers only
+    assert "/opt/y" not in m and "/opt/new" in m
+    assert m["/opt/sub"].type == "symlink"
+    assert m["/etc/a"].layer == 2 and m["/etc/b"].layer == 1 and m["/keep2"].layer == 0
+    # keep2 still has l0's content: the new /keep is another file
+    assert m["/keep2"].digest == sha256(b"k") and m["/keep"].digest == sha256(b"K")
+
+
+def test_raw_view_shows_whiteouts_and_opaque_dirs(tmp_path):
+    layers = _stack(tmp_path)
+    m = open_source(str(layers[1]), "raw").entries()
+    assert m["/etc/a"].type == "whiteout"
+    assert m["/opt"].opaque and m["/opt"].implicit
+    assert m["/etc/b"].mode == 0o600
+    # raw against the lower layer: whiteouts are deletions
+    got = changes(open_source(f"{layers[0]}"), open_source(str(layers[1]), "raw"))
+    kinds = {p: code for code, p, _ in got}
+    assert kinds["/etc/a"] == "D"
+    assert kinds["/etc/b"] == "M"
+    assert kinds["/opt/new"] == "A"
+
+
+def test_layer_selector_in_images(tmp_path):
+    layers = _stack(tmp_path)
+    oci = write_oci(layers, tmp_path / "oci")
+    src = open_source(f"oci:{oci}#1")
+    assert len(src.layers) == 2
+    dest = tmp_path / "two"
+    unpack_layers([str(p) for p in layers[:2]], dest)
+    assert changes(src, dest) == []
+    raw = open_source(f"oci:{oci}#-1", "raw").entries()
+    assert set(raw) == {"/", "/etc", "/etc/a", "/opt", "/opt/sub", "/keep"}
+    with pytest.raises(NotFound):
+        open_source(f"oci:{oci}#3").entries()
+
+
+def test_image_layers_carry_history(tmp_path):
+    layers = _stack(tmp_path)
+    hist = [{"created_by": "base"}, {"created_by": "ENV x=1", "empty_layer": True},
+            {"created_by": "RUN edit"}, {"created_by": "RUN more"}]
+    oci = write_oci(layers, tmp_path / "oci", history=hist)
+    src = open_source(f"oci:{oci}")
+    assert [l.created_by for l in src.layers] == ["base", "RUN edit", "RUN more"]
+    by_path = {c.path: c for c in compare(f"{layers[0]}", src)}
+    assert by_path["/etc/a"].layer.index == 2
+    assert by_path["/etc/a"].layer.created_by == "RUN more"
+    assert by_path["/opt/y"].kind == "deleted" and by_path["/opt/y"].layer.index == 1
+    assert by_path["/etc/b"].layer.diff_id == src.layers[1].diff_id
+
+
+def test_detection(tmp_path):
+    layers = _stack(tmp_path)
+    assert detect_file(str(layers[0])) == "layer"
+    gz = gnu_tar(sample_tree(tmp_path / "t"), tmp_path / "l.tgz", compress="gzip")
+    assert detect_file(str(gz)) == "layer"
+    assert detect_file(str(write_oci(layers, tmp_path / "o.tar", tar=True))) == "image"
+    d = write_docker(layers, tmp_path / "d.tar")
+    assert detect_file(str(d)) == "image"
+    assert open_source(str(d)).kind == "docker-archive"
+    assert open_source(str(write_oci(layers, tmp_path / "o"))).kind == "oci"
+    assert isinstance(open_source(str(layers[0])), LayerStackSource)
+    assert isinstance(open_source(f"dir:{tmp_path / 't'}"), DirectorySource)
+    with pytest.raises(NotFound):
+        open_source(str(tmp_path / "missing"))
+    with pytest.raises(NotSupported):
+        open_source("store:example:1").entries()
+
+
+def test_overlay_upper_directory(tmp_path):
+    up = tmp_path / "upper"
+    mk(up, "etc/hosts", b"new")
+    os.mknod(up / "etc/gone", 0o20000, os.makedev(0, 0))
+    (up / "opt").mkdir()
+    os.setxattr(up / "opt", "trusted.overlay.opaque", b"y")
+    m = OverlayUpperSource(up).entries()
+    assert m["/etc/gone"].type == "whiteout"
+    assert m["/opt"].opaque
+    assert "trusted.overlay.opaque" not in m["/opt"].xattrs
+    eff = open_source(f"upper:{up}", "effective").entries()
+    assert "/etc/gone" not in eff and not eff["/opt"].opaque
+    # the same change as a layer tarball made by the overlay-aware writer
+    layer = tmp_path / "l.tar"
+    create_layer(up, layer, source_format="overlay")
+    assert changes(open_source(f"upper:{up}"), open_source(str(layer), "raw"),
+                   ignore=["mtime"]) == []
