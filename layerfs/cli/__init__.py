@@ -18,14 +18,23 @@ EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="layerfs")
-def cli():
+@click.option("--root", type=click.Path(file_okay=False), default=None, envvar="LAYERFS_ROOT",
+              help="Image store directory (default /var/lib/layerfs as root, else "
+                   "~/.local/share/layerfs).")
+@click.option("--driver", default=None, envvar="LAYERFS_DRIVER",
+              help="Storage driver of the image store (chosen on first use, then remembered).")
+@click.pass_context
+def cli(ctx, root, driver):
     """Container image layers and storage drivers."""
+    # The store is opened lazily by the commands that use it (store_cmds.py).
+    ctx.ensure_object(dict).update(root=root, driver=driver)
 
 
 def _register():
     from . import archive_cmds  # noqa: F401  (commands register themselves on `cli`)
     from . import driver_cmds  # noqa: F401
     from . import diff_cmds  # noqa: F401
+    from . import store_cmds  # noqa: F401
 
 
 def _describe(e: BaseException) -> str:
