@@ -17,9 +17,11 @@
  * its merged layers is listed once and every visible child becomes a node
  * (name, type, topmost layer, and for a directory the layers that merge into
  * it).  A node's address is its FUSE node id.  st_ino is the inode number of
- * the topmost layer's entry (tagged per device when layers span filesystems),
- * so hardlinks inside a layer share it, and st_nlink is the backing one except
- * for merged directories, which report 1 (as overlayfs does: "unknown").
+ * the topmost layer's entry for a non-directory (so hardlinks inside a layer
+ * share it) and of the lowest merged layer's for a directory (so copy-up never
+ * changes it), tagged per device when layers span filesystems; st_nlink is the
+ * backing one except for merged directories, which report 1 (as overlayfs
+ * does: "unknown").
  * The kernel caches names and attributes (long timeouts on read-only mounts)
  * and gets attributes with directory listings (READDIRPLUS).  Reads and writes
  * go straight to the backing file, whose fd is the FUSE file handle; replies
@@ -522,14 +524,20 @@ static int exists_at(int dirfd, const char *path)
 static int cut_opaque(ufs *u, unode *d, const char *dpath)
 {
     char p[PBUF];
+    struct stat st;
     for (unode *c = d->first; c; c = c->next) {
         if (!S_ISDIR(c->type) || c->ndl < 2) continue;
-        if (pjoin(p, sizeof p, dpath, "", c->name, "/" WH_OPAQUE) < 0) return -ENAMETOOLONG;
+        int n = pjoin(p, sizeof p, dpath, "", c->name, "/" WH_OPAQUE);
+        if (n < 0) return -ENAMETOOLONG;
         for (unsigned k = 0; k + 1 < c->ndl; k++) {
             int r = exists_at(u->layers[c->dl[k]].fd, p);
             if (r < 0) return r;
             if (r) {
                 c->ndl = (uint16_t)(k + 1);
+                p[n - (int)strlen("/" WH_OPAQUE)] = 0;     /* the directory itself */
+                if (fstatat(u->layers[c->dl[k]].fd, p, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                    return -errno;
+                c->ino = map_ino(u, c->dl[k], st.st_ino);
                 break;
             }
         }
@@ -598,6 +606,7 @@ static int list_layer(ufs *u, unode *d, unsigned L, const char *dpath, nameset *
                 rc = -ENOMEM;
                 break;
             }
+            e->node->ino = map_ino(u, L, de->d_ino);  /* the lowest merged layer's */
         } else if (e->close > (int32_t)L) {
             e->close = (int32_t)L;                     /* a non-directory under a directory */
         }
@@ -637,13 +646,17 @@ static int ensure_loaded(ufs *u, unode *d)
 
 /* ------------------------------------------------------------ attributes */
 
-static void fix_stat(const ufs *u, unsigned layer, unsigned ndl, struct stat *st)
+/* The attributes the union shows for an entry stat'ed in its topmost layer:
+ * a directory keeps the inode number of its lowest merged layer (dino), which
+ * copy-up never changes; a merged directory has link count 1 ("unknown"). */
+static void fix_stat(const ufs *u, unsigned layer, unsigned ndl, uint64_t dino, struct stat *st)
 {
-    st->st_ino = map_ino(u, layer, st->st_ino);
+    if (S_ISDIR(st->st_mode) && dino) st->st_ino = dino;
+    else st->st_ino = map_ino(u, layer, st->st_ino);
     if (S_ISDIR(st->st_mode) && ndl > 1) st->st_nlink = 1;
 }
 
-/* Path, layer and merged-layer count of a node, read under the lock. */
+/* Path, topmost layer and merged-layer count of a node, read under the lock. */
 static int node_where(ufs *u, unode *n, char *path, unsigned *layer, unsigned *ndl)
 {
     lock(u);
@@ -657,11 +670,14 @@ static int node_where(ufs *u, unode *n, char *path, unsigned *layer, unsigned *n
 static int node_stat(ufs *u, unode *n, struct stat *st)
 {
     char path[PBUF];
-    unsigned layer, ndl;
-    int rc = node_where(u, n, path, &layer, &ndl);
+    lock(u);
+    int rc = node_path(u, n, path, PBUF);
+    unsigned layer = n->layer, ndl = n->ndl;
+    uint64_t dino = S_ISDIR(n->type) ? n->ino : 0;
+    unlock(u);
     if (rc < 0) return rc;
     if (fstatat(u->layers[layer].fd, path, st, AT_SYMLINK_NOFOLLOW) < 0) return -errno;
-    fix_stat(u, layer, ndl, st);
+    fix_stat(u, layer, ndl, dino, st);
     return 0;
 }
 
@@ -890,7 +906,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
             fuse_reply_err(req, errno);
             return;
         }
-        fix_stat(u, FH_LAYER(fi->fh), 1, &st);
+        fix_stat(u, FH_LAYER(fi->fh), 1, 0, &st);
     } else {
         int rc = node_stat(u, N(u, ino), &st);
         if (rc < 0) {
@@ -1024,12 +1040,13 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
             if (c && dlen >= 0) {
                 lock(u);
                 unsigned layer = c->layer, ndl = c->ndl;
+                uint64_t dino = S_ISDIR(c->type) ? c->ino : 0;
                 int gone = c->detached;
                 unlock(u);
                 struct stat cst;
                 if (!gone && pjoin(cpath, sizeof cpath, dpath, "", name, "") >= 0 &&
                     fstatat(u->layers[layer].fd, cpath, &cst, AT_SYMLINK_NOFOLLOW) == 0) {
-                    fix_stat(u, layer, ndl, &cst);
+                    fix_stat(u, layer, ndl, dino, &cst);
                     entry_of(u, &e, c, &cst);
                     counted = 1;
                 }
@@ -1310,9 +1327,9 @@ static int copy_up(ufs *u, unode *n, int trunc)
     restore_times(top, ppath, &pst);
     if (fstatat(top, path, &st, AT_SYMLINK_NOFOLLOW) < 0) return -errno;
     lock(u);
-    if (S_ISDIR(type)) rc = dl_add(n, 0, 1);
+    if (S_ISDIR(type)) rc = dl_add(n, 0, 1);      /* a directory keeps its inode number */
+    else n->ino = map_ino(u, 0, st.st_ino);
     n->layer = 0;
-    n->ino = map_ino(u, 0, st.st_ino);
     unlock(u);
     invalidate_attr(u, n);
     return rc;
@@ -1448,7 +1465,7 @@ static void finish_new(fuse_req_t req, ufs *u, unode *d, const char *name, const
         fuse_reply_err(req, e);
         return;
     }
-    fix_stat(u, 0, 1, &st);
+    fix_stat(u, 0, 1, 0, &st);
     lock(u);
     unode *n = ht_find(u, d, name, strlen(name));
     if (n) node_detach(u, n);
@@ -2266,7 +2283,6 @@ static int ufs_setup(ufs *u, const char *const *layers, size_t nlayers, const lf
         return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
     r->type = S_IFDIR;
     r->layer = 0;
-    r->ino = map_ino(u, 0, rootst.st_ino);
     r->nlookup = 1;
     for (size_t i = 0; i < nlayers; i++) {
         if (dl_add(r, (unsigned)i, 0) < 0) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
@@ -2276,6 +2292,10 @@ static int ufs_setup(ufs *u, const char *const *layers, size_t nlayers, const lf
             if (e) break;
         }
     }
+    unsigned low = r->dl[r->ndl - 1];
+    if (fstat(u->layers[low].fd, &st) < 0)
+        return lfs_fail(err, errno, -1, layers[low], NULL, "stat: %s", strerror(errno));
+    r->ino = map_ino(u, low, st.st_ino);
     return 0;
 }
 

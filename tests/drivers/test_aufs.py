@@ -316,6 +316,25 @@ class TestAufsUnion:
                                  check=True).stdout.split()
             assert sorted(os.path.relpath(p, m) for p in out) == [".", "d", "only", "only/sub"]
 
+    def test_directory_inodes_survive_copy_up(self, driver):
+        d = driver
+        stack(d, [dir_("a"), dir_("a/b"), file_("a/b/f", b"f")], [dir_("a"), file_("a/g", b"g")])
+
+        def inos(m):
+            out = {p: os.lstat(os.path.join(m, p)).st_ino for p in (".", "a", "a/b")}
+            with os.scandir(m) as it:
+                assert {e.name: e.inode() for e in it}["a"] == out["a"]
+            return out
+
+        with Mounted(d, "ctr") as m:
+            before = inos(m)
+            Path(m, "a/b/new").write_bytes(b"n")          # copies a and a/b up
+            Path(m, "a/b/f").write_bytes(b"changed")      # copies a file up
+            assert (Path(d.diff_dir("ctr")) / "a/b/new").exists()
+            assert inos(m) == before
+        with Mounted(d, "ctr") as m:
+            assert inos(m) == before
+
     def test_new_entries_owned_by_the_caller(self, driver_name):
         import tempfile
         from layerfs.drivers import driver_class
