@@ -225,7 +225,7 @@ def build(root: Path, spec) -> Path:
     return root
 
 
-@settings(max_examples=25)
+@settings(max_examples=40)
 @given(spec_a=tree_spec, spec_b=tree_spec)
 def test_changes_as_a_layer_rebuild_b(tmp_path_factory, spec_a, spec_b):
     tmp = tmp_path_factory.mktemp("prop")
