@@ -408,8 +408,11 @@ class SideBySide:
         for p in peers:
             pm = _median(times[p.name])
             ratio = (med / pm) if (timed is layerfs and med and pm) else None
+            mins = (min(data) / min(times[p.name])) \
+                if (timed is layerfs and data and times[p.name]) else None
             info["peers"].append({"name": p.name, "command": p.command, "times": times[p.name],
-                                  "median": pm, "ratio": ratio, "goal": p.goal})
+                                  "median": pm, "ratio": ratio, "ratio_min": mins,
+                                  "goal": p.goal})
         first = next((p for p in info["peers"] if p["ratio"] is not None), None)
         if first:
             info["peer"], info["peer_median"], info["ratio"] = \

@@ -4,7 +4,8 @@
     python -m bench.report out.json
 
 One row per (benchmark, peer): layerfs median, the peer, its median measured
-in the same rounds, the ratio layerfs/peer and the goal; then the machine line
+in the same rounds, the ratio layerfs/peer of the medians (and of the fastest
+rounds, less sensitive to a busy machine) and the goal; then the machine line
 (CPU model, cores, kernel, target filesystem) and notes (tool versions, which
 layer a peer could read).
 """
@@ -82,7 +83,12 @@ def _bench_label(b: dict) -> str:
     name = b.get("group") or b.get("name", "?")
     corpus = info.get("corpus")
     label = f"{name}: {corpus}" if corpus else name
+    test = b.get("name", "")
+    if not corpus and b.get("group") and "[" in test:
+        label += " " + test[test.index("["):]
     layer = info.get("layer")
+    if isinstance(layer, str):
+        layer = Path(layer).name
     if layer:
         label += f" ({layer}, {_mb(info.get('layer_bytes'))})" if info.get("layer_bytes") \
             else f" ({layer})"
@@ -114,7 +120,7 @@ def rows(data: dict) -> List[List[str]]:
         me = stats.get("median") if timed_layerfs else None
         peers = info.get("peers") or _flat_peers(info)
         if not peers:
-            out.append([_bench_label(b), fmt_time(me), "—", "—", "—", ""])
+            out.append([_bench_label(b), fmt_time(me), "—", "—", "—", "—", ""])
             continue
         for p in peers:
             pm = p.get("median")
@@ -123,8 +129,11 @@ def rows(data: dict) -> List[List[str]]:
             ratio = p.get("ratio")
             if ratio is None and me and pm:
                 ratio = me / pm
+            rmin = p.get("ratio_min")
+            if rmin is None and timed_layerfs and p.get("times") and stats.get("min"):
+                rmin = stats["min"] / min(p["times"])
             out.append([_bench_label(b), fmt_time(me), p.get("name", "?"), fmt_time(pm),
-                        fmt_ratio(ratio), fmt_goal(p.get("goal"), ratio)])
+                        fmt_ratio(ratio), fmt_ratio(rmin), fmt_goal(p.get("goal"), ratio)])
     return out
 
 
@@ -168,9 +177,10 @@ def notes(data: dict) -> List[str]:
 
 
 def markdown(data: dict) -> str:
-    header = ["benchmark", "layerfs median", "peer", "peer median", "ratio", "goal"]
+    header = ["benchmark", "layerfs median", "peer", "peer median", "ratio", "ratio of mins",
+              "goal (ratio)"]
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:", "---", "---:", "---:", "---"]) + "|"]
+             "|" + "|".join(["---", "---:", "---", "---:", "---:", "---:", "---"]) + "|"]
     for r in rows(data):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
     lines.append("")
@@ -186,12 +196,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report",
                                  description="Markdown table of a pytest-benchmark JSON file")
     ap.add_argument("json", type=Path, help="file written by --benchmark-json")
+    ap.add_argument("-k", "--only", metavar="TEXT", action="append", default=[],
+                    help="keep the benchmarks whose full name contains TEXT (repeatable)")
     args = ap.parse_args(argv)
     text = args.json.read_text()
     if not text.strip():
         print(f"{args.json}: empty (no benchmark ran)", file=sys.stderr)
         return 1
     data = json.loads(text)
+    if args.only:
+        data["benchmarks"] = [b for b in data.get("benchmarks", [])
+                              if any(t in b.get("fullname", b.get("name", "")) for t in args.only)]
     sys.stdout.write(markdown(data))
     return 0
 
