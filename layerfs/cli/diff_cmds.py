@@ -13,8 +13,8 @@ from ..diff.output import JSON_VERSION, change_record, format_change, summary_te
 
 _SOURCE_HELP = ("OLD and NEW: a directory, a layer tarball (tar, tar.gz, tar.zst), an OCI "
                 "layout (oci:PATH[:TAG], directory or tar), a docker-archive "
-                "(docker-archive:PATH[:REF]), an overlay upper directory (upper:PATH), or "
-                "store:REF; PATH#N picks layer N of an image.")
+                "(docker-archive:PATH[:REF]), an overlay upper directory (upper:PATH), "
+                "store:REF, or empty:; PATH#N picks layer N of an image.")
 
 
 @cli.command("diff", epilog=_SOURCE_HELP)
@@ -166,7 +166,7 @@ def layers_cmd(sources, as_json, details, top, max_wasted_bytes, min_efficiency,
         failures.append(f"{report.wasted_bytes} bytes wasted, more than the "
                         f"{max_wasted} allowed")
     if min_eff is not None and report.efficiency < min_eff:
-        failures.append(f"efficiency {report.efficiency:.4f} is below {min_eff:.4f}")
+        failures.append(f"efficiency {report.efficiency:.6f} is below {min_eff:.6f}")
     if as_json:
         doc = {"version": JSON_VERSION, **report.as_dict(details)}
         doc["gate"] = {"max_wasted_bytes": max_wasted, "min_efficiency": min_eff,

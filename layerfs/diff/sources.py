@@ -21,6 +21,7 @@ Kinds of source (:func:`open_source` detects them, or takes a prefix):
 ``upper:PATH``      an overlay upper directory (char 0:0 whiteouts, opaque
                     xattrs); raw view by default
 ``store:REF``       an image or layer in a layerfs store (see :func:`register_transport`)
+``empty:``          an empty tree (``layerfs diff --raw empty: LAYER``: a layer's own changes)
 ==================  =====================================================
 
 A ``#N`` suffix on an image or layer stack picks layer N (0 is the bottom,
@@ -41,7 +42,7 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Opt
                     Tuple, Union)
 
 from .. import _native
-from ..archive._io import open_source as _open_stream
+from .._io import open_source as _open_stream
 from ..errors import LayerError, NotFound, NotSupported
 from .trees import OVERLAY_PRIVATE_XATTRS, path_key, read_xattrs, type_name
 
@@ -761,6 +762,7 @@ register_transport("upper", lambda p, v, u: OverlayUpperSource(p, v))
 register_transport("layer", _layer_file_source)
 register_transport("tar", _layer_file_source)
 register_transport("store", _store_source)
+register_transport("empty", lambda p, v, u: empty_source())
 
 _IMAGE_PREFIXES = ("oci", "oci-archive", "docker-archive")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
