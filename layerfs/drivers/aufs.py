@@ -285,7 +285,7 @@ class AufsDriver(DirectoryDriver):
         if is_mountpoint(target):
             _umount(target, lazy=not _mount_alive(target))
         if pid is not None:
-            deadline = time.monotonic() + 5.0
+            deadline = time.monotonic() + 10.0   # it exits as soon as the kernel lets go
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.002)
         try:
