@@ -811,6 +811,12 @@ static int walk_copy(tree *t, int s0, int d0, const struct stat *st0)
             goto out;
         }
         if (S_ISDIR(st.st_mode)) {
+            if (st.st_dev == fr[0].dst.st_dev && st.st_ino == fr[0].dst.st_ino) {
+                if (sfd >= 0) close(sfd);
+                rc = lfs_fail(t->c.err, EINVAL, -1, t->spath.p, NULL,
+                              "cannot copy a directory into itself");
+                goto out;
+            }
             if (sfd < 0) {
                 sfd = openat(f->sfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
                 if (sfd < 0) { rc = fail_errno(&t->c, errno, t->spath.p, "opening the directory"); goto out; }
@@ -888,6 +894,32 @@ out:
     return rc;
 }
 
+/* 1 when the directory that will hold dirfd/path is src_st or beneath it
+ * (walking ".." up to "/"). */
+static int inside(int dirfd, const char *path, const struct stat *src_st)
+{
+    const char *slash = strrchr(path, '/');
+    char *parent = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : NULL;
+    if (slash && !parent) return 0;
+    int fd = openat(dirfd, parent ? parent : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    free(parent);
+    struct stat st, up;
+    int found = 0;
+    if (fd < 0 || fstat(fd, &st) < 0) goto out;
+    for (int depth = 0; depth < 4096; depth++) {
+        if (st.st_dev == src_st->st_dev && st.st_ino == src_st->st_ino) { found = 1; break; }
+        int p = openat(fd, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (p < 0) break;
+        close(fd);
+        fd = p;
+        if (fstat(fd, &up) < 0 || (up.st_dev == st.st_dev && up.st_ino == st.st_ino)) break;
+        st = up;
+    }
+out:
+    if (fd >= 0) close(fd);
+    return found;
+}
+
 int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst,
                   int flags, lfs_copy_stats *stats, lfs_error *err)
 {
@@ -909,6 +941,10 @@ int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst
     s0 = openat(src_dirfd, src, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (s0 < 0) { rc = lfs_fail(err, errno, -1, src, NULL, "opening: %s", strerror(errno)); goto out; }
     if (fstat(s0, &st) < 0) { rc = lfs_fail(err, errno, -1, src, NULL, "stat: %s", strerror(errno)); goto out; }
+    if (inside(dst_dirfd, dst, &st)) {
+        rc = lfs_fail(err, EINVAL, -1, dst, NULL, "cannot copy a directory into itself (%s)", src);
+        goto out;
+    }
     if (mkdirat(dst_dirfd, dst, 0700) < 0) { rc = lfs_fail(err, errno, -1, dst, NULL, "creating: %s", strerror(errno)); goto out; }
     d0 = openat(dst_dirfd, dst, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (d0 < 0) { rc = lfs_fail(err, errno, -1, dst, NULL, "opening: %s", strerror(errno)); goto out; }

@@ -353,6 +353,17 @@ def test_errors(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_copy_into_itself(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "f").write_bytes(b"x")
+    for dst in (src / "sub" / "copy", src / "copy"):
+        with pytest.raises(LayerError) as ei:
+            copy_tree(src, dst)
+        assert ei.value.errno == errno.EINVAL and ei.value.filename == "copy"
+        assert not dst.exists()
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     mnt = tmp_path / "small"
