@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 from .sources import (COARSE, IMPLICIT, OPAQUE, EntryMeta, LayerInfo, Source, SourceArg,
-                      open_source, parent_of)
-from .trees import OVERLAY_PRIVATE_XATTRS, path_key, same_content
+                      open_source, parent_of, sort_key)
+from .trees import OVERLAY_PRIVATE_XATTRS
 
 KINDS = ("added", "deleted", "modified", "renamed")
 CODES = {"added": "A", "deleted": "D", "modified": "M", "renamed": "R"}
@@ -193,6 +194,7 @@ class _Side:
         self.src = src
         self.entries = src.entries()
         self._groups: Optional[Dict[Any, List[str]]] = None
+        self.content_equal: Dict[str, bool] = {}     # path -> same bytes (prefetched)
 
     def groups(self) -> Dict[Any, List[str]]:
         if self._groups is None:
@@ -212,23 +214,114 @@ class _Side:
         return tuple(p for p in group if p != path)
 
 
-def _same_content(a: _Side, b: _Side, ea: EntryMeta, eb: EntryMeta, opts: Options) -> bool:
+def _metadata_decides(ea: EntryMeta, eb: EntryMeta, opts: Options) -> bool:
+    """Equal size and an untruncated equal mtime on two directory entries: the
+    same content (the rule of :mod:`layerfs.diff.trees`)."""
+    return ("mtime" not in opts.ignore and ea.mtime_ns == eb.mtime_ns
+            and ea.mtime_ns % 1_000_000_000 != 0)
+
+
+def files_equal(pa: bytes, pb: bytes, size: int) -> bool:
+    """Whether two regular files of the given size hold the same bytes."""
+    try:
+        fa = os.open(pa, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            fb = os.open(pb, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            left = size
+            while True:
+                n = min(left, _CHUNK) if left > 0 else _CHUNK
+                ca = os.read(fa, n)
+                cb = os.read(fb, n)
+                while len(cb) < len(ca):            # short reads: align the sides
+                    more = os.read(fb, len(ca) - len(cb))
+                    if not more:
+                        break
+                    cb += more
+                while len(ca) < len(cb):
+                    more = os.read(fa, len(cb) - len(ca))
+                    if not more:
+                        break
+                    ca += more
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+                left -= len(ca)
+                if left <= 0:
+                    return True                    # the size lstat gave: read in full
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+_CHUNK = 1 << 20
+
+
+def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
+                      threads: int = 2) -> None:
+    """Decide, on a small thread pool, the content of every pair of regular
+    files that metadata cannot decide (os.read and the C sha256 release the
+    GIL); the results wait in ``_Side.content_equal`` for the merge."""
+    eb_map = b.entries
+    byte_pairs = []
+    hash_jobs = []
+    for p in paths:
+        ea = a.entries[p]
+        if ea.type != "file":
+            continue
+        eb = eb_map.get(p)
+        if eb is None or eb.type != "file" or eb.size != ea.size or ea.size == 0:
+            continue
+        if ea.inode is not None and ea.inode == eb.inode:
+            continue
+        if ea.digest is not None and eb.digest is not None:
+            continue
+        if ea.content is not None and eb.content is not None:
+            if not _metadata_decides(ea, eb, opts):
+                byte_pairs.append((p, ea.content, eb.content, ea.size))
+        elif ea.digest is None and ea.content is not None and eb.digest is not None:
+            hash_jobs.append((a.src, ea))
+        elif eb.digest is None and eb.content is not None and ea.digest is not None:
+            hash_jobs.append((b.src, eb))
+    if len(byte_pairs) + len(hash_jobs) < 8:
+        return
+    results = a.content_equal
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for (p, _, _, _), same in zip(byte_pairs, pool.map(lambda t: files_equal(*t[1:]),
+                                                            byte_pairs, chunksize=16)):
+            results[p] = same
+        for _ in pool.map(lambda job: job[0].digest(job[1]), hash_jobs, chunksize=16):
+            pass
+
+
+def _same_content(a: _Side, b: _Side, ea: EntryMeta, eb: EntryMeta, opts: Options,
+                  path: Optional[str] = None) -> bool:
     if ea.inode is not None and ea.inode == eb.inode:
         return True
+    if path is not None:
+        known = a.content_equal.get(path)
+        if known is not None:
+            return known
     if ea.digest is not None and eb.digest is not None:
         return ea.digest == eb.digest
     if ea.size == 0:
         return True
-    if (ea.content is not None and eb.content is not None and "mtime" not in opts.ignore
-            and ea.mtime_ns == eb.mtime_ns and ea.mtime_ns % 1_000_000_000 != 0):
-        return True       # equal size and an untruncated mtime: metadata decides
+    if ea.content is not None and eb.content is not None and _metadata_decides(ea, eb, opts):
+        return True
     if ea.digest is not None or eb.digest is not None:
         da, db = a.src.digest(ea), b.src.digest(eb)
         if da is None or db is None:
             return True   # one side cannot be read again: nothing more to tell
         return da == db
     if ea.content is not None and eb.content is not None:
-        return same_content(ea.content, eb.content)
+        return files_equal(ea.content, eb.content, ea.size)
     return True
 
 
@@ -270,7 +363,7 @@ def compare_meta(a: _Side, b: _Side, path: str, ea: EntryMeta, eb: EntryMeta,
         if oa != ob:
             f["hardlinks"] = (oa, ob)
     if t == "file" and "content" not in ign:
-        if ea.size != eb.size or not _same_content(a, b, ea, eb, opts):
+        if ea.size != eb.size or not _same_content(a, b, ea, eb, opts, path):
             f["content"] = (a.src.digest(ea), b.src.digest(eb))
     return f
 
@@ -351,12 +444,15 @@ class Diff:
         opts = self.options
         a, b = _load_both(self.old, self.new)
         self._sides = (a, b)
-        ka = sorted(a.entries, key=path_key)
-        kb = sorted(b.entries, key=path_key)
+        ka = sorted(a.entries, key=sort_key)
+        kb = sorted(b.entries, key=sort_key)
         ea_map, eb_map = a.entries, b.entries
+        if "content" not in opts.ignore:
+            _prefetch_content(a, b, ka, opts)
         skip_old: Optional[str] = None      # a deleted (or replaced) directory's subtree
         i = j = 0
         na, nb = len(ka), len(kb)
+        sa = sb = None
         while i < na or j < nb:
             if j >= nb:
                 p, side = ka[i], "old"
@@ -366,10 +462,15 @@ class Diff:
                 pa, pb = ka[i], kb[j]
                 if pa == pb:
                     p, side = pa, "both"
-                elif path_key(pa) < path_key(pb):
-                    p, side = pa, "old"
                 else:
-                    p, side = pb, "new"
+                    if sa is None or sa[0] != pa:
+                        sa = (pa, sort_key(pa))
+                    if sb is None or sb[0] != pb:
+                        sb = (pb, sort_key(pb))
+                    if sa[1] < sb[1]:
+                        p, side = pa, "old"
+                    else:
+                        p, side = pb, "new"
             if side == "old":
                 i += 1
                 if skip_old is not None and p.startswith(skip_old):

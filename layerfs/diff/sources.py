@@ -44,7 +44,7 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Opt
 from .. import _native
 from .._io import open_source as _open_stream
 from ..errors import LayerError, NotFound, NotSupported
-from .trees import OVERLAY_PRIVATE_XATTRS, path_key, read_xattrs, type_name
+from .trees import OVERLAY_PRIVATE_XATTRS, read_xattrs, type_name
 
 EFFECTIVE, RAW = "effective", "raw"
 VIEWS = (EFFECTIVE, RAW)
@@ -197,9 +197,16 @@ def parent_of(path: str) -> str:
     return path[:i] or "/"
 
 
+def sort_key(path: str) -> bytes:
+    """Sort key of the engine's order: parents first, then each directory's
+    entries by name as bytes (the order of ``trees.path_key``: with "/" as the
+    lowest byte, comparing whole paths compares them component by component)."""
+    return path.encode("utf-8", "surrogateescape").replace(b"/", b"\0")
+
+
 def sort_paths(paths: Iterable[str]) -> List[str]:
     """Paths in the engine's order: parents first, then entries by name (bytes)."""
-    return sorted(paths, key=path_key)
+    return sorted(paths, key=sort_key)
 
 
 # ----------------------------------------------------------------- the tree of a stack
@@ -543,23 +550,29 @@ class DirectorySource(Source):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", os.fsdecode(path))
 
     def _meta(self, full: bytes, st: os.stat_result) -> EntryMeta:
-        fmt = stat.S_IFMT(st.st_mode)
-        t = type_name(st.st_mode)
-        m = EntryMeta(t, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                      st.st_size if fmt == stat.S_IFREG else 0, st.st_mtime_ns,
-                      inode=(st.st_dev, st.st_ino))
+        mode = st.st_mode
+        fmt = mode & 0o170000
+        m = EntryMeta(type_name(mode), mode & 0o7777, st.st_uid, st.st_gid,
+                      0, st.st_mtime_ns, "", None, None, None, None, None, None,
+                      (st.st_dev, st.st_ino), 0)
         if fmt == stat.S_IFREG:
+            m.size = st.st_size
             m.content = full
             if st.st_nlink > 1:
-                m.link = (st.st_dev, st.st_ino)
+                m.link = m.inode
         elif fmt == stat.S_IFLNK:
             m.linkname = os.fsdecode(os.readlink(full))
             m.mode = 0o777
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             m.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
         elif fmt != stat.S_IFDIR and st.st_nlink > 1:
-            m.link = (st.st_dev, st.st_ino)
-        m.xattrs = read_xattrs(full)
+            m.link = m.inode
+        try:
+            if os.listxattr(full, follow_symlinks=False):
+                m.xattrs = read_xattrs(full)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.ENOENT):
+                raise
         return m
 
     def _load(self) -> Dict[str, EntryMeta]:
@@ -892,4 +905,4 @@ __all__ = ["COARSE", "DirectorySource", "EFFECTIVE", "EntryMeta", "FoldObserver"
            "OVERLAY_PRIVATE_XATTRS", "OverlayUpperSource", "RAW", "Source", "Tree", "VIEWS",
            "detect_file", "empty_source", "fold_layer", "layer_stack", "norm_path",
            "open_source", "parent_of", "raw_layer_map", "register_transport", "scan_layer",
-           "sort_paths"]
+           "sort_key", "sort_paths"]
