@@ -375,6 +375,51 @@ def test_huge_sparse_file(tmp_path):
     assert "size" not in m.pax_headers       # sparse: the stored size is small
 
 
+@pytest.mark.slow
+def test_size_over_8gib_goes_to_pax(tmp_path):
+    """A non-sparse entry bigger than the 11 octal digits of ustar: PAX size.
+    (The file is one hole on disk; its 8 GiB of zeros stream through a pipe.)"""
+    import threading
+    src = tmp_path / "src"
+    src.mkdir()
+    size = (8 << 30) + 3
+    with open(src / "huge", "wb") as f:
+        f.truncate(size)
+    settime(src / "huge")
+    r, w = os.pipe()
+    rfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    out = {}
+
+    def writer():
+        try:
+            out["res"] = _native.create(rfd, w)
+        except Exception as e:          # reported below
+            out["err"] = e
+        finally:
+            os.close(w)
+    th = threading.Thread(target=writer)
+    th.start()
+    head = b""
+    total = 0
+    with os.fdopen(r, "rb") as pipe:
+        while True:
+            chunk = pipe.read(1 << 20)
+            if not chunk:
+                break
+            if len(head) < 3 * BLOCK:
+                head += chunk[:3 * BLOCK]
+            total += len(chunk)
+    th.join()
+    os.close(rfd)
+    assert "err" not in out, out.get("err")
+    assert head[156:157] == b"x"                        # a PAX header first
+    pax = head[BLOCK:2 * BLOCK].rstrip(b"\0")
+    assert pax == b"%d size=%d\n" % (len(pax), size)
+    assert head[2 * BLOCK + 124:2 * BLOCK + 136] == b"00000000000\0"
+    assert total == 2 * BLOCK + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK + 2 * BLOCK
+    assert out["res"].digests.tar_size == total
+
+
 def test_ns_and_negative_mtimes(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
