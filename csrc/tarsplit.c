@@ -39,11 +39,12 @@
  *   trailer  128 bytes: "LFSTSEND", u32 version, u32 flags, u64 body_offset,
  *            u64 body_length, u64 index_offset, u64 nblobs, u64 tar_size,
  *            u64 files, u64 kept_bytes, u8 diff_id[32], u32 index crc,
- *            16 bytes zero, u32 crc of the 124 bytes before it
+ *            u32 body crc, 12 bytes zero, u32 crc of the 124 bytes before it
  *   (crc: CRC-32 as gzip's, ISA-L crc32_gzip_refl)
  *
  * Reassembly reads the trailer and index first (the record must be a regular
- * file), then streams the body: kept bytes are copied, file operations read
+ * file) and checks the body's CRC (a damaged record is refused before any file
+ * is opened: zstd's own checksum comes only at the end), then streams the body: kept bytes are copied, file operations read
  * the file beneath the root (in-root resolution, final component never
  * followed; type, size and CRC checked) or their captured blob.  Output is
  * hashed as it goes and compared with the DiffID at the end.
@@ -211,6 +212,7 @@ struct lfs_rec {
     size_t zcap;
     uint64_t written;               /* record bytes written to fd */
     uint64_t body_len;
+    uint32_t body_crc;
 
     uint64_t tar_bytes;             /* stream bytes seen */
     uint64_t kept;                  /* stream bytes kept in 'R' operations */
@@ -272,6 +274,7 @@ static int body_flush(lfs_rec *r, int end)
             if (w < 0) return w;
             r->written += out.pos;
             r->body_len += out.pos;
+            r->body_crc = crc32c_(r->body_crc, r->zout, out.pos);
         }
         if (end ? rem == 0 : in.pos == in.size) break;
     }
@@ -810,6 +813,7 @@ int lfs_rec_finish(lfs_rec *r, const lfs_digests *d, uint64_t *size, lfs_error *
     put_le64(t + 64, r->kept);
     memcpy(t + 72, d->diff_id, 32);
     put_le32(t + 104, icrc);
+    put_le32(t + 108, r->body_crc);
     put_le32(t + 124, crc32c_(0, t, 124));
     if ((w = write_full(r->fd, t, sizeof t)) < 0)
         return lfs_fail(err, -w, -1, NULL, NULL, "cannot write the tar-split record");
@@ -839,7 +843,7 @@ void lfs_rec_free(lfs_rec *r)
 typedef struct trailer {
     uint64_t body_off, body_len, index_off, nblobs, tar_size, files, kept;
     unsigned char diff_id[32];
-    uint32_t index_crc;
+    uint32_t index_crc, body_crc;
 } trailer;
 
 typedef struct rd {
@@ -916,6 +920,9 @@ static int read_trailer(int fd, uint64_t *start, uint64_t *size, trailer *t, lfs
     t->kept = get_le64(b + 64);
     memcpy(t->diff_id, b + 72, 32);
     t->index_crc = get_le32(b + 104);
+    t->body_crc = get_le32(b + 108);
+    if (get_le32(h + 12) != 0 || get_le32(b + 12) != 0)
+        return lfs_fail(err, ENOTSUP, -1, NULL, NULL, "tar-split record has unknown flags");
     uint64_t tail = *size - TRAILER_SIZE;
     if (t->body_off != HDR_SIZE || t->body_len > tail - HDR_SIZE ||
         t->index_off < t->body_off + t->body_len || t->index_off > tail ||
@@ -973,6 +980,27 @@ static int read_index(rd *r)
     }
     free(raw);
     return 0;
+}
+
+/* The compressed body against its CRC, before anything is opened or written. */
+static int check_body(rd *r)
+{
+    unsigned char *buf = malloc(IO_CAP);
+    if (!buf) return lfs_fail(r->err, ENOMEM, -1, NULL, NULL, "out of memory");
+    uint32_t crc = 0;
+    int w = 0;
+    for (uint64_t off = 0; off < r->t.body_len;) {
+        size_t k = r->t.body_len - off < IO_CAP ? (size_t)(r->t.body_len - off) : IO_CAP;
+        if ((w = pread_full(r->fd, buf, k, r->start + r->t.body_off + off)) < 0) {
+            w = lfs_fail(r->err, w == -ENODATA ? EBADMSG : -w, -1, NULL, NULL, "cannot read the record");
+            break;
+        }
+        crc = crc32c_(crc, buf, k);
+        off += k;
+    }
+    free(buf);
+    if (w == 0 && crc != r->t.body_crc) w = bad(r, "body is corrupt");
+    return w;
 }
 
 /* ---- the decompressed body ---- */
@@ -1283,6 +1311,7 @@ int lfs_reassemble(int record_fd, int root_fd, int out_fd, lfs_digests *out, lfs
     int rc = read_trailer(record_fd, &r->start, &r->size, &r->t, err);
     if (rc < 0) goto out;
     if ((rc = read_index(r)) < 0) goto out;
+    if ((rc = check_body(r)) < 0) goto out;
     r->in_cap = ZSTD_DStreamInSize();
     r->dec_cap = ZSTD_DStreamOutSize();
     r->in = malloc(r->in_cap);

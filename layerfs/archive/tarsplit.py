@@ -78,6 +78,7 @@ def _record_fd(record) -> Iterator[Tuple[int, str]]:
     with tempfile.TemporaryFile(prefix="layerfs-record-") as spool:
         shutil.copyfileobj(record, spool, 1 << 20)
         spool.flush()
+        spool.seek(0)
         yield spool.fileno(), name
 
 
