@@ -385,7 +385,7 @@ class Store:
                 raise AmbiguousReference(f"{ref!r} matches {len(found)} images; give more of "
                                          "the id or a name")
         if r is None and name_error is not None:
-            raise NotFound(f"no such image: {ref} ({name_error})")
+            raise name_error
         raise NotFound(f"no such image: {ref}")
 
     # -- mounts -----------------------------------------------------------------------------
