@@ -178,6 +178,11 @@ class LayerInfo:
 
 def norm_path(name: str) -> str:
     """A tar member name or relative path as "/a/b" ("/" for the root)."""
+    p = name[2:] if name.startswith("./") else name.lstrip("/")
+    p = p.rstrip("/")
+    if p and "//" not in p and "/./" not in p and "/../" not in p and p != "." and \
+            p != ".." and not p.startswith(("./", "../")) and not p.endswith(("/.", "/..")):
+        return "/" + p
     parts = []
     for p in name.split("/"):
         if p in ("", "."):
