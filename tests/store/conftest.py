@@ -121,3 +121,10 @@ def expected_tree(images, tmp_path, name: str) -> str:
     unpack_layers([os.path.join(layout, "blobs/sha256", d.split(":")[1])
                    for d in img.layer_digests], dest)
     return dest
+
+
+def need_tools(*tools: str) -> None:
+    import shutil
+    for t in tools:
+        if shutil.which(t) is None:
+            pytest.skip(f"{t} is not installed (scripts/setup installs it)")
