@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -144,15 +145,21 @@ class Peer:
 
     def __init__(self, name: str, argv, stdin: Path | None = None, goal: float | None = None):
         self.name, self.argv, self.stdin, self.goal = name, argv, stdin, goal
-        self.times = []
+        self.times, self.cpu = [], []
         self.command = " ".join(str(a) for a in argv) + (f" <{stdin} >/dev/null" if stdin else "")
 
     def run(self):
         with open(self.stdin, "rb") if self.stdin else open(os.devnull, "rb") as fin, \
                 open(os.devnull, "wb") as fout:
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             subprocess.run(self.argv, stdin=fin, stdout=fout, check=True)
             self.times.append(time.perf_counter() - t0)
+            self.cpu.append(_cpu(resource.getrusage(resource.RUSAGE_CHILDREN), r0))
+
+
+def _cpu(r1, r0) -> float:
+    return (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def side_by_side(request, benchmark, ours, ours_command: str, peer: Peer, size: int, **info):
@@ -163,6 +170,7 @@ def side_by_side(request, benchmark, ours, ours_command: str, peer: Peer, size: 
     warmup = _option(request, "bench_warmup", 1)
     peers_only = _option(request, "bench_peers_only", False)
     calls = [0]
+    our_cpu = []
 
     def setup():
         calls[0] += 1
@@ -170,14 +178,22 @@ def side_by_side(request, benchmark, ours, ours_command: str, peer: Peer, size: 
             peer.run()
             if calls[0] <= warmup:
                 peer.times.pop()
+                peer.cpu.pop()
+
+    def ours_timed():
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        res = ours()
+        our_cpu.append(_cpu(resource.getrusage(resource.RUSAGE_SELF), r0))
+        return res
 
     if peers_only:
         def timed():
             peer.run()
         result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
     else:
-        result = benchmark.pedantic(ours, setup=setup, rounds=rounds, iterations=1,
+        result = benchmark.pedantic(ours_timed, setup=setup, rounds=rounds, iterations=1,
                                     warmup_rounds=warmup)
+        del our_cpu[:warmup]
     data = list(benchmark.stats.stats.data)
     med = statistics.median(data)
     info_ = benchmark.extra_info
@@ -197,10 +213,17 @@ def side_by_side(request, benchmark, ours, ours_command: str, peer: Peer, size: 
                  peer=peer.name, peer_median=pm, ratio=ratio,
                  layerfs_MBps=round(size / med / 1e6, 1),
                  peer_MBps=round(size / pm / 1e6, 1),
-                 speedup_vs_peer=round(pm / med, 3))
-    print(f"\n{benchmark.name}: layerfs median {med:.3f} s ({size / med / 1e6:.0f} MB/s), "
-          f"{peer.name} median {pm:.3f} s ({size / pm / 1e6:.0f} MB/s), "
-          f"time ratio layerfs/{peer.name} {ratio:.3f} (min/min {min(data) / min(peer.times):.3f})")
+                 speedup_vs_peer=round(pm / med, 3),
+                 # CPU seconds (user + sys, all threads): what each side costs,
+                 # whatever else the machine is doing
+                 layerfs_cpu_median=round(statistics.median(our_cpu), 3),
+                 peer_cpu_median=round(statistics.median(peer.cpu), 3),
+                 load_average=os.getloadavg()[0])
+    print(f"\n{benchmark.name}: layerfs median {med:.3f} s ({size / med / 1e6:.0f} MB/s, "
+          f"cpu {statistics.median(our_cpu):.3f} s), {peer.name} median {pm:.3f} s "
+          f"({size / pm / 1e6:.0f} MB/s, cpu {statistics.median(peer.cpu):.3f} s), "
+          f"time ratio layerfs/{peer.name} {ratio:.3f} (min/min {min(data) / min(peer.times):.3f}), "
+          f"load average {os.getloadavg()[0]:.1f}")
     return result
 
 

@@ -22,6 +22,14 @@
  *   consumer (digest only) thus takes both hashes and leaves the producer
  *   only reading and decompressing; a slow one (writing files) leaves them to
  *   the producer.  Plain tar is hashed once (digest == DiffID).
+ *   Measured (CPU seconds per thread, digest of a 512 MiB tar of /usr files,
+ *   2 CPUs): with the DiffID hash fixed in the producer, zstd 0.95 producer /
+ *   0.01 consumer and gzip 1.29 / 0.01; fixed in the consumer, zstd 0.60 /
+ *   0.31 and gzip 0.84 / 0.31; shared as above, zstd 0.50 / 0.41 (the
+ *   consumer also takes the compressed-side hash), and with a consumer that
+ *   sleeps between reads the producer takes over the hashing.  The buffer
+ *   sizes (64 KiB - 1 MiB input chunks, 256 KiB - 4 MiB buffers, 3-32 deep)
+ *   made no difference beyond noise; 4 x 1 MiB + 4 x 256 KiB keeps it small.
  *
  *   A producer blocked in read() on a pipe is woken through an eventfd when
  *   the consumer gives up (lfs_src_free), so freeing never hangs.
@@ -189,16 +197,15 @@ static int detect(const unsigned char *b, size_t n, const char **other)
 enum { GZ_BETWEEN, GZ_MEMBER };
 
 /*
- * Sequence numbers (threaded mode; all under mu):
- *   raw chunk k lives in raw[k % SRC_RAW_N]; read by the producer
- *   (raw_read < k+1 until then) and hashed by whoever gets to it first
- *   (raw_hashed).  The producer reads chunk k only once chunk k - SRC_RAW_N
- *   has been hashed; it has always finished decoding it by then.
- *   tar buffer j lives in buf[j % SRC_NBUF]; filled by the producer
- *   (tar_filled), hashed by whoever gets to it first (tar_hashed), and
- *   released by the consumer (tar_released, the consumer holds buffer
- *   tar_released while it reads it).  Buffer j is refilled only when j -
- *   SRC_NBUF is both hashed and released.
+ * Threaded mode bookkeeping (counters under mu):
+ *   Raw chunk k (compressed input, one read) lives in raw[k % SRC_RAW_N].
+ *   raw_read chunks have been read by the producer, raw_hashed of them
+ *   hashed.  The producer reads chunk k only once chunk k - SRC_RAW_N is
+ *   hashed (it has finished decoding it long before).
+ *   Tar buffer j lives in buf[j % SRC_NBUF].  tar_filled buffers have been
+ *   filled by the producer, tar_hashed hashed, tar_released given back by the
+ *   consumer (which holds buffer tar_released while it reads it).  Buffer j
+ *   is refilled only once buffer j - SRC_NBUF is both hashed and released.
  *   Hashing only reads a buffer, so it runs alongside decoding (raw) or
  *   alongside the consumer (tar).  One thread at a time hashes each stream
  *   (raw_busy, tar_busy), in order.
