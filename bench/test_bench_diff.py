@@ -26,9 +26,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -148,11 +151,23 @@ def pair(corpora):
     return build_pair(corpora("debian-minbase"))
 
 
+# CPU seconds (user + system, every thread) of each run, by contender: wall
+# times on a shared machine depend on its load, CPU time much less.
+CPU: Dict[str, List[float]] = {}
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _diff_r(a: Path, b: Path) -> Contender:
     argv = ["diff", "-r", "--no-dereference", str(a), str(b)]
 
     def run(_target):
+        c0 = _children_cpu()
         p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        CPU.setdefault("diff -r", []).append(_children_cpu() - c0)
         assert p.returncode in (0, 1), p.stderr.decode(errors="replace")[-2000:]
         return p.returncode
     return Contender("diff -r", run, "diff -r --no-dereference A B", goal=GOAL)
@@ -162,8 +177,10 @@ def _api(a, b) -> Contender:
     from layerfs.diff import compare
 
     def run(_target):
+        c0 = time.process_time()
         d = compare(str(a), str(b), renames=True)
         changes = list(d)
+        CPU.setdefault("layerfs", []).append(time.process_time() - c0)
         return changes, d.summary
     return Contender("layerfs.diff.compare", run, f"compare({Path(a).name}, {Path(b).name})")
 
@@ -172,7 +189,9 @@ def _cli(cli, a, b) -> Contender:
     argv = cli + ["diff", "--json", str(a), str(b)]
 
     def run(_target):
+        c0 = _children_cpu()
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        CPU.setdefault("layerfs", []).append(_children_cpu() - c0)
         assert p.returncode == 1, p.stderr.decode(errors="replace")[-2000:]
         doc = json.loads(p.stdout)
         return doc["changes"], doc["summary"]
@@ -233,13 +252,19 @@ def _check(result, plan) -> int:
 
 
 def _run(side_by_side, me, peer_a, peer_b, plan, rss_pair, **info):
+    CPU.clear()
     result = side_by_side.run(me, [_diff_r(peer_a, peer_b)], **info)
+    x = side_by_side.benchmark.extra_info
+    for who, key in (("layerfs", "cpu_s"), ("diff -r", "peer_cpu_s")):
+        if CPU.get(who):
+            x[key] = round(statistics.median(CPU[who]), 4)
+    if x.get("cpu_s") and x.get("peer_cpu_s"):
+        x["cpu_ratio"] = round(x["cpu_s"] / x["peer_cpu_s"], 3)
     if result is not None and not isinstance(result, int):
         info_n = _check(result, plan)
         side_by_side.benchmark.extra_info["changes"] = info_n
     rss = peak_rss(*rss_pair)
     base = peak_rss("-", "-")
-    x = side_by_side.benchmark.extra_info
     x["peak_rss_kib"] = rss["maxrss_kib"]
     x["import_rss_kib"] = base["maxrss_kib"]
 

@@ -245,4 +245,32 @@ typedef struct lfs_union_opts {
 int lfs_union_serve(const char *mountpoint, const char *const *layers, size_t nlayers,
                     const lfs_union_opts *opts, int ready_fd, lfs_error *err);
 /* ---- end of union filesystem ---- */
+/* ---- directory trees for the diff engine (csrc/treescan.c) ---- */
+
+/* Walk the tree at root (not following symlinks) in sorted preorder (each
+ * directory's names by strcmp, a directory before its entries; the root first,
+ * with an empty path) and write one record per entry to out_fd.  Record
+ * layout, little-endian, packed:
+ *   uint32 reclen                  bytes that follow in this record
+ *   uint8  type                    '0' file '2' symlink '3' char '4' block '5' dir
+ *                                  '6' fifo 's' socket
+ *   uint8  reserved[3]
+ *   uint32 mode (07777), uid, gid, nlink
+ *   int64  size                    regular files; 0 otherwise
+ *   int64  mtime_sec
+ *   uint32 mtime_nsec, devmajor, devminor
+ *   uint64 dev, ino
+ *   uint32 path_len, link_len, nxattrs, reserved
+ *   path bytes (relative to root, no leading "/"), link bytes (symlink target)
+ *   nxattrs x (uint32 name_len, uint32 value_len, name bytes, value bytes)
+ * Entries that vanish during the walk are left out.  flags: 0. */
+int lfs_walk(const char *root, int out_fd, int flags, lfs_error *err);
+
+/* paths holds 2n NUL-terminated paths back to back: a0, b0, a1, b1, ...
+ * same[i] = 1 when the regular files ai and bi hold the same bytes, else 0
+ * (also when one cannot be opened or read).  Each pair stops at its first
+ * difference; threads (0: 2) share the pairs. */
+int lfs_files_equal(const char *paths, size_t n, unsigned threads, unsigned char *same,
+                    lfs_error *err);
+/* ---- end of directory trees ---- */
 #endif

@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
 from .errors import LayerError
@@ -400,3 +400,112 @@ def record_info(record_fd: int, name: Optional[str] = None) -> RecordInfo:
 
 def has_openat2() -> bool:
     return bool(lib.lfs_has_openat2())
+
+
+# ---- directory trees for the diff engine (csrc/treescan.c) ----
+
+_WALK_FIXED = struct.Struct("<I4sIIIIqqIIIQQIIII")
+
+
+class WalkEntry(NamedTuple):
+    """One entry of a directory tree as lfs_walk saw it (lstat, no symlink followed)."""
+    path: str                      # relative to the root ("" for the root), surrogateescape
+    type: str                      # "0" file, "2" symlink, "3" char, "4" block, "5" dir, "6" fifo, "s" socket
+    mode: int                      # permission bits (07777)
+    uid: int
+    gid: int
+    nlink: int
+    size: int                      # regular files; 0 otherwise
+    mtime_ns: int
+    devmajor: int
+    devminor: int
+    dev: int
+    ino: int
+    linkname: str                  # symlink target, "" otherwise
+    xattrs: Dict[str, bytes]
+
+
+def _parse_walk_records(buf: bytearray, out: List[WalkEntry]) -> int:
+    pos, n = 0, len(buf)
+    unpack_fixed, fixed = _WALK_FIXED.unpack_from, _WALK_FIXED.size
+    unpack_from, append, entry = struct.unpack_from, out.append, WalkEntry
+    while n - pos >= 4:
+        end = pos + 4 + unpack_from("<I", buf, pos)[0]
+        if end > n:
+            break
+        (_, head, mode, uid, gid, nlink, size, msec, mnsec, dmaj, dmin, dev, ino,
+         plen, llen, nx, _) = unpack_fixed(buf, pos)
+        p = pos + fixed
+        path = buf[p:p + plen].decode("utf-8", "surrogateescape")
+        p += plen
+        link = buf[p:p + llen].decode("utf-8", "surrogateescape") if llen else ""
+        p += llen
+        xattrs = {}
+        for _ in range(nx):
+            nl, vl = unpack_from("<II", buf, p)
+            p += 8
+            xattrs[buf[p:p + nl].decode("utf-8", "surrogateescape")] = bytes(buf[p + nl:p + nl + vl])
+            p += nl + vl
+        if p != end:
+            raise ValueError(f"malformed walk record at byte {pos}")
+        append(entry(path, chr(head[0]), mode, uid, gid, nlink, size,
+                     msec * 1_000_000_000 + mnsec, dmaj, dmin, dev, ino, link, xattrs))
+        pos = end
+    return pos
+
+
+def walk(root: str) -> List[WalkEntry]:
+    """Every entry of the tree at root, sorted preorder (lfs_walk; one C call
+    without the GIL, records drained from a pipe by a helper thread)."""
+    entries: List[WalkEntry] = []
+    failure: List[BaseException] = []
+    r, w = os.pipe()
+
+    def reader() -> None:
+        pending = bytearray()
+        try:
+            while True:
+                chunk = os.read(r, 1 << 20)
+                if not chunk:
+                    break
+                if failure:
+                    continue
+                pending += chunk
+                try:
+                    used = _parse_walk_records(pending, entries)
+                    del pending[:used]
+                except Exception as exc:  # noqa: BLE001 - re-raised in the caller
+                    failure.append(exc)
+            if pending and not failure:
+                failure.append(ValueError("walk records end inside a record"))
+        finally:
+            os.close(r)
+
+    thread = threading.Thread(target=reader, name="layerfs-walk", daemon=True)
+    thread.start()
+    err = _new_error()
+    try:
+        rc = lib.lfs_walk(os.fsencode(root), w, 0, err)
+    finally:
+        os.close(w)
+        thread.join()
+    if rc < 0:
+        _raise(rc, err, os.fsdecode(root))
+    if failure:
+        raise failure[0]
+    return entries
+
+
+def files_equal(pairs: Sequence[Tuple[bytes, bytes]], threads: int = 0) -> List[bool]:
+    """For each (path a, path b): whether the two regular files hold the same
+    bytes (lfs_files_equal; False also when one cannot be read)."""
+    n = len(pairs)
+    if n == 0:
+        return []
+    blob = b"\0".join(os.fsencode(p) for pair in pairs for p in pair) + b"\0"
+    same = ffi.new("unsigned char[]", n)
+    err = _new_error()
+    rc = lib.lfs_files_equal(blob, n, threads, same, err)
+    if rc < 0:
+        _raise(rc, err)
+    return [bool(x) for x in bytes(ffi.buffer(same, n))]

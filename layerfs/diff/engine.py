@@ -26,6 +26,8 @@ from __future__ import annotations
 import concurrent.futures
 import fnmatch
 import os
+
+from .. import _native
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
@@ -290,13 +292,20 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
             hash_jobs.append((a.src, ea))
         elif eb.digest is None and eb.content is not None and ea.digest is not None:
             hash_jobs.append((b.src, eb))
-    if len(byte_pairs) + len(hash_jobs) < 8:
-        return
     results = a.content_equal
+    native = getattr(_native, "files_equal", None)
+    if native is None and len(byte_pairs) + len(hash_jobs) < 8:
+        return
+    if native is not None and byte_pairs:
+        # one C call, its own threads, no GIL
+        same = native([(pa, pb) for _, pa, pb, _ in byte_pairs], threads)
+        for (p, _, _, _), eq in zip(byte_pairs, same):
+            results[p] = eq
+        byte_pairs = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for (p, _, _, _), same in zip(byte_pairs, pool.map(lambda t: files_equal(*t[1:]),
-                                                            byte_pairs, chunksize=16)):
-            results[p] = same
+        for (p, _, _, _), eq in zip(byte_pairs, pool.map(lambda t: files_equal(*t[1:]),
+                                                          byte_pairs, chunksize=16)):
+            results[p] = eq
         for _ in pool.map(lambda job: job[0].digest(job[1]), hash_jobs, chunksize=16):
             pass
 
@@ -444,8 +453,8 @@ class Diff:
         opts = self.options
         a, b = _load_both(self.old, self.new)
         self._sides = (a, b)
-        ka = sorted(a.entries, key=sort_key)
-        kb = sorted(b.entries, key=sort_key)
+        ka = list(a.entries) if self.old.in_order else sorted(a.entries, key=sort_key)
+        kb = list(b.entries) if self.new.in_order else sorted(b.entries, key=sort_key)
         ea_map, eb_map = a.entries, b.entries
         if "content" not in opts.ignore:
             _prefetch_content(a, b, ka, opts)

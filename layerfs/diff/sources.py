@@ -54,6 +54,8 @@ IMPLICIT = 1        # a directory no entry described (parent of an entry of a ta
 OPAQUE = 2          # raw view: an opaque directory (lower contents hidden)
 COARSE = 4          # mtime from a tar header without sub-second part: may be truncated
 
+_WALK_TYPES = {"0": "file", "2": "symlink", "3": "char", "4": "block", "5": "dir", "6": "fifo",
+               "s": "socket"}
 _TAR_TYPES = {"0": "file", "2": "symlink", "3": "char", "4": "block", "5": "dir", "6": "fifo"}
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 WH_PREFIX = ".wh."
@@ -467,6 +469,7 @@ class Source:
         self.name = name
         self.view = view or self.default_view
         self._entries: Optional[Dict[str, EntryMeta]] = None
+        self.in_order = False        # entries() already in the engine's order (sort_key)
         self.deleted_by: Dict[str, int] = {}
         self.layers: List[LayerInfo] = []
 
@@ -581,6 +584,40 @@ class DirectorySource(Source):
         return m
 
     def _load(self) -> Dict[str, EntryMeta]:
+        if hasattr(_native, "walk"):
+            return self._load_native()
+        return self._load_python()
+
+    def _load_native(self) -> Dict[str, EntryMeta]:
+        """The walk in C (lfs_walk: lstat, link targets, xattrs, sorted), the
+        records turned into entries here."""
+        out: Dict[str, EntryMeta] = {}
+        root = self.path
+        private = OVERLAY_PRIVATE_XATTRS
+        for e in _native.walk(os.fsdecode(root)):
+            t = _WALK_TYPES.get(e.type, "unknown")
+            raw = e.xattrs
+            xattrs = {k: v for k, v in raw.items() if not k.startswith(private)} if raw else {}
+            m = EntryMeta(t, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.linkname, None, xattrs,
+                          None, None, None, None, (e.dev, e.ino), 0)
+            if t == "file":
+                m.content = root + b"/" + os.fsencode(e.path) if e.path else root
+                if e.nlink > 1:
+                    m.link = m.inode
+            elif t == "symlink":
+                m.mode = 0o777
+            elif t in ("char", "block"):
+                m.rdev = (e.devmajor, e.devminor)
+            elif t != "dir" and e.nlink > 1:
+                m.link = m.inode
+            path = "/" + e.path
+            if self._adjust(path, None, m, raw) is False:
+                continue
+            out[path] = m
+        self.in_order = True          # lfs_walk: sorted preorder
+        return out
+
+    def _load_python(self) -> Dict[str, EntryMeta]:
         out: Dict[str, EntryMeta] = {}
         root = self.path
         out["/"] = self._meta(root, os.lstat(root))
@@ -609,7 +646,8 @@ class DirectorySource(Source):
                         stack.append(r)
         return out
 
-    def _adjust(self, path: str, full: bytes, m: EntryMeta):
+    def _adjust(self, path: str, full: Optional[bytes], m: EntryMeta,
+                raw_xattrs: Optional[Dict[str, bytes]] = None):
         return True
 
 
@@ -620,7 +658,8 @@ class OverlayUpperSource(DirectorySource):
     kind = "upper"
     default_view = RAW
 
-    def _adjust(self, path: str, full: bytes, m: EntryMeta):
+    def _adjust(self, path: str, full: Optional[bytes], m: EntryMeta,
+                raw_xattrs: Optional[Dict[str, bytes]] = None):
         if m.type == "char" and m.rdev == (0, 0):
             if self.view == EFFECTIVE:
                 return False
@@ -629,13 +668,17 @@ class OverlayUpperSource(DirectorySource):
             return True
         if m.type == "dir":
             for name in _OPAQUE_XATTRS:
-                try:
-                    if os.getxattr(full, name, follow_symlinks=False) == b"y":
-                        if self.view == RAW:
-                            m.flags |= OPAQUE
-                        break
-                except OSError:
-                    continue
+                if raw_xattrs is not None:
+                    value = raw_xattrs.get(name)
+                else:
+                    try:
+                        value = os.getxattr(full, name, follow_symlinks=False)
+                    except OSError:
+                        continue
+                if value == b"y":
+                    if self.view == RAW:
+                        m.flags |= OPAQUE
+                    break
         return True
 
 

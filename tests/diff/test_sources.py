@@ -332,3 +332,50 @@ def test_overlay_upper_directory(tmp_path):
     create_layer(up, layer, source_format="overlay")
     assert changes(open_source(f"upper:{up}"), open_source(str(layer), "raw"),
                    ignore=["mtime"]) == []
+
+
+# ----------------------------------------------------------------- the C walk and file comparison
+
+def _as_tuples(m):
+    return {p: (e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.linkname, e.rdev,
+                e.xattrs, e.content, e.link is not None, e.inode, e.flags)
+            for p, e in m.items()}
+
+
+def test_native_walk_matches_the_python_walk(tmp_path):
+    from layerfs.diff.sources import sort_key
+    root = sample_tree(tmp_path / "t")
+    for name in ("a-b", "a", "a.b", "é", "Z", "b\udcff"):      # byte order, not str order
+        mk(root, f"order/{name}/x", b"1")
+    os.setxattr(root / "etc/hosts", "user.big", b"v" * 3000)
+    os.setxattr(root / "etc/hosts", "trusted.overlay.origin", b"o")
+    src = DirectorySource(root)
+    native = src._load_native()
+    assert src.in_order
+    assert list(native) == sorted(native, key=sort_key)
+    assert _as_tuples(native) == _as_tuples(DirectorySource(root)._load_python())
+    assert native["/etc/hosts"].xattrs == {"user.big": b"v" * 3000}   # overlay's own left out
+    up = tmp_path / "upper"
+    mk(up, "f", b"x")
+    os.mknod(up / "wh", 0o20000, os.makedev(0, 0))
+    (up / "o").mkdir()
+    os.setxattr(up / "o", "trusted.overlay.opaque", b"y")
+    for view in ("raw", "effective"):
+        s1, s2 = OverlayUpperSource(up, view), OverlayUpperSource(up, view)
+        assert _as_tuples(s1._load_native()) == _as_tuples(s2._load_python())
+
+
+def test_files_equal(tmp_path):
+    from layerfs import _native
+    big = os.urandom(3 << 20)
+    pairs = []
+    for i, (x, y) in enumerate([(b"", b""), (b"abc", b"abc"), (b"abc", b"abd"),
+                                (big, big), (big, big[:-1] + b"\0"), (big, big + b"!")]):
+        a, b = tmp_path / f"a{i}", tmp_path / f"b{i}"
+        a.write_bytes(x)
+        b.write_bytes(y)
+        pairs.append((bytes(a), bytes(b)))
+    pairs.append((pairs[0][0], bytes(tmp_path / "missing")))
+    assert _native.files_equal(pairs) == [True, True, False, True, False, False, False]
+    assert _native.files_equal(pairs, threads=1) == _native.files_equal(pairs, threads=4)
+    assert _native.files_equal([]) == []

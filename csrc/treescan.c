@@ -1,0 +1,466 @@
+/*
+ * Directory trees for the diff engine (layerfs/diff):
+ *
+ *   lfs_walk         one record per entry of a tree (lstat, link target, xattrs),
+ *                    in sorted preorder, written to a pipe that Python parses;
+ *   lfs_files_equal  whether pairs of regular files hold the same bytes, on a
+ *                    few threads, stopping each pair at its first difference.
+ *
+ * Both do the whole job in one call, so the GIL stays released throughout.
+ */
+#include "internal.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- output buffer */
+
+typedef struct wbuf {
+    int fd;
+    unsigned char *p;
+    size_t len, cap;
+} wbuf;
+
+static int wb_flush(wbuf *w, lfs_error *err)
+{
+    size_t off = 0;
+    while (off < w->len) {
+        ssize_t n = write(w->fd, w->p + off, w->len - off);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return lfs_fail(err, errno, -1, NULL, NULL, "writing walk records");
+        }
+        off += (size_t)n;
+    }
+    w->len = 0;
+    return 0;
+}
+
+static int wb_reserve(wbuf *w, size_t n, lfs_error *err)
+{
+    if (w->len + n <= w->cap) return 0;
+    int r = wb_flush(w, err);
+    if (r < 0) return r;
+    if (n > w->cap) {
+        unsigned char *q = realloc(w->p, n);
+        if (!q) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
+        w->p = q;
+        w->cap = n;
+    }
+    return 0;
+}
+
+static void put(wbuf *w, const void *p, size_t n)
+{
+    memcpy(w->p + w->len, p, n);
+    w->len += n;
+}
+
+static void put32(wbuf *w, uint32_t v) { put(w, &v, 4); }
+static void put64(wbuf *w, uint64_t v) { put(w, &v, 8); }
+
+/* ---------------------------------------------------------------- walking */
+
+typedef struct walker {
+    wbuf out;
+    char path[PATH_MAX];          /* root + "/" + relative path of the current entry */
+    size_t root_len;
+    char *xnames;                 /* listxattr buffer */
+    size_t xnames_cap;
+    unsigned char *xval;          /* one xattr value */
+    size_t xval_cap;
+    lfs_error *err;
+} walker;
+
+static char type_char(mode_t m)
+{
+    switch (m & S_IFMT) {
+    case S_IFREG: return '0';
+    case S_IFLNK: return '2';
+    case S_IFCHR: return '3';
+    case S_IFBLK: return '4';
+    case S_IFDIR: return '5';
+    case S_IFIFO: return '6';
+    case S_IFSOCK: return 's';
+    default: return '?';
+    }
+}
+
+/* The xattr names of the current path (not following a symlink) into w->xnames;
+ * returns their total length, 0 when none or unsupported, <0 error. */
+static ssize_t list_xattrs(walker *w)
+{
+    for (;;) {
+        ssize_t n = llistxattr(w->path, w->xnames, w->xnames_cap);
+        if (n >= 0) return n;
+        if (errno == ENOTSUP || errno == ENOENT) return 0;
+        if (errno != ERANGE)
+            return lfs_fail(w->err, errno, -1, w->path, NULL, "listing xattrs");
+        ssize_t need = llistxattr(w->path, NULL, 0);
+        if (need < 0)
+            return lfs_fail(w->err, errno, -1, w->path, NULL, "listing xattrs");
+        size_t cap = (size_t)need + 256;
+        char *q = realloc(w->xnames, cap);
+        if (!q) return lfs_fail(w->err, ENOMEM, -1, w->path, NULL, "out of memory");
+        w->xnames = q;
+        w->xnames_cap = cap;
+    }
+}
+
+/* Value of xattr name of the current path into w->xval; length, -1 when it
+ * vanished (skip it), < -1 error (err filled). */
+static ssize_t get_xattr(walker *w, const char *name)
+{
+    for (;;) {
+        ssize_t n = lgetxattr(w->path, name, w->xval, w->xval_cap);
+        if (n >= 0) return n;
+        if (errno == ENODATA || errno == ENOTSUP) return -1;
+        if (errno != ERANGE) {
+            lfs_fail(w->err, errno, -1, w->path, NULL, "reading xattr %s", name);
+            return -2;
+        }
+        ssize_t need = lgetxattr(w->path, name, NULL, 0);
+        if (need < 0) {
+            if (errno == ENODATA) return -1;
+            lfs_fail(w->err, errno, -1, w->path, NULL, "reading xattr %s", name);
+            return -2;
+        }
+        size_t cap = (size_t)need + 64;
+        unsigned char *q = realloc(w->xval, cap);
+        if (!q) {
+            lfs_fail(w->err, ENOMEM, -1, w->path, NULL, "out of memory");
+            return -2;
+        }
+        w->xval = q;
+        w->xval_cap = cap;
+    }
+}
+
+/* Emit the record of the entry at w->path (relative part after root_len). */
+static int emit_entry(walker *w, const struct stat *st)
+{
+    char link[PATH_MAX];
+    size_t link_len = 0;
+    if (S_ISLNK(st->st_mode)) {
+        ssize_t n = readlink(w->path, link, sizeof link);
+        if (n < 0) {
+            if (errno == ENOENT) return 1;
+            return lfs_fail(w->err, errno, -1, w->path, NULL, "reading symlink");
+        }
+        link_len = (size_t)n;
+    }
+    ssize_t xlen = list_xattrs(w);
+    if (xlen < 0) return (int)xlen;
+    const char *rel = w->path + w->root_len;
+    if (*rel == '/') rel++;
+    size_t rel_len = strlen(rel);
+
+    /* the xattrs first, into a scratch area at the end of the buffer: their
+     * values are only known after reading them */
+    uint32_t nx = 0;
+    size_t xbytes = 0;
+    for (ssize_t off = 0; off < xlen; off += (ssize_t)strlen(w->xnames + off) + 1) {
+        ssize_t v = get_xattr(w, w->xnames + off);
+        if (v == -1) continue;
+        if (v < -1) return -w->err->code;
+        xbytes += 8 + strlen(w->xnames + off) + (size_t)v;
+    }
+    size_t fixed = 4 + 4 + 4 * 4 + 8 * 2 + 4 + 4 * 2 + 8 * 2 + 4 * 4;
+    size_t reclen = fixed + rel_len + link_len + xbytes;
+    int r = wb_reserve(&w->out, reclen, w->err);
+    if (r < 0) return r;
+    size_t start = w->out.len;
+    put32(&w->out, 0);                      /* reclen, patched below */
+    unsigned char head[4] = {(unsigned char)type_char(st->st_mode), 0, 0, 0};
+    put(&w->out, head, 4);
+    put32(&w->out, (uint32_t)(st->st_mode & 07777));
+    put32(&w->out, (uint32_t)st->st_uid);
+    put32(&w->out, (uint32_t)st->st_gid);
+    put32(&w->out, (uint32_t)st->st_nlink);
+    put64(&w->out, S_ISREG(st->st_mode) ? (uint64_t)st->st_size : 0);
+    put64(&w->out, (uint64_t)(int64_t)st->st_mtim.tv_sec);
+    put32(&w->out, (uint32_t)st->st_mtim.tv_nsec);
+    put32(&w->out, major(st->st_rdev));
+    put32(&w->out, minor(st->st_rdev));
+    put64(&w->out, (uint64_t)st->st_dev);
+    put64(&w->out, (uint64_t)st->st_ino);
+    put32(&w->out, (uint32_t)rel_len);
+    put32(&w->out, (uint32_t)link_len);
+    size_t nx_at = w->out.len;
+    put32(&w->out, 0);                      /* nxattrs, patched below */
+    put32(&w->out, 0);                      /* reserved */
+    put(&w->out, rel, rel_len);
+    put(&w->out, link, link_len);
+    for (ssize_t off = 0; off < xlen; off += (ssize_t)strlen(w->xnames + off) + 1) {
+        const char *name = w->xnames + off;
+        ssize_t v = get_xattr(w, name);
+        if (v == -1) continue;
+        if (v < -1) return -w->err->code;
+        size_t nl = strlen(name);
+        if (w->out.len + 8 + nl + (size_t)v > start + reclen) break;   /* grew meanwhile */
+        put32(&w->out, (uint32_t)nl);
+        put32(&w->out, (uint32_t)v);
+        put(&w->out, name, nl);
+        put(&w->out, w->xval, (size_t)v);
+        nx++;
+    }
+    uint32_t len = (uint32_t)(w->out.len - start - 4);
+    memcpy(w->out.p + start, &len, 4);
+    memcpy(w->out.p + nx_at, &nx, 4);
+    return 0;
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Sorted names of the directory at w->path (without "." and ".."). */
+static int read_names(walker *w, char ***out, size_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    DIR *d = opendir(w->path);
+    if (!d) {
+        if (errno == ENOENT || errno == ENOTDIR) return 0;
+        return lfs_fail(w->err, errno, -1, w->path, NULL, "opening directory");
+    }
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    int rc = 0;
+    for (;;) {
+        errno = 0;
+        struct dirent *de = readdir(d);
+        if (!de) {
+            if (errno) rc = lfs_fail(w->err, errno, -1, w->path, NULL, "reading directory");
+            break;
+        }
+        const char *nm = de->d_name;
+        if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0))) continue;
+        if (n == cap) {
+            size_t nc = cap ? cap * 2 : 32;
+            char **q = realloc(names, nc * sizeof *q);
+            if (!q) { rc = lfs_fail(w->err, ENOMEM, -1, w->path, NULL, "out of memory"); break; }
+            names = q;
+            cap = nc;
+        }
+        names[n] = strdup(nm);
+        if (!names[n]) { rc = lfs_fail(w->err, ENOMEM, -1, w->path, NULL, "out of memory"); break; }
+        n++;
+    }
+    closedir(d);
+    if (rc < 0) {
+        for (size_t i = 0; i < n; i++) free(names[i]);
+        free(names);
+        return rc;
+    }
+    if (n > 1) qsort(names, n, sizeof *names, cmp_names);
+    *out = names;
+    *count = n;
+    return 0;
+}
+
+static int walk_dir(walker *w)
+{
+    char **names;
+    size_t n;
+    int rc = read_names(w, &names, &n);
+    if (rc < 0) return rc;
+    size_t base = strlen(w->path);
+    for (size_t i = 0; i < n && rc >= 0; i++) {
+        size_t nl = strlen(names[i]);
+        if (base + 1 + nl >= sizeof w->path) {
+            rc = lfs_fail(w->err, ENAMETOOLONG, -1, w->path, names[i], "path too long");
+            break;
+        }
+        w->path[base] = '/';
+        memcpy(w->path + base + 1, names[i], nl + 1);
+        struct stat st;
+        if (lstat(w->path, &st) < 0) {
+            if (errno == ENOENT) continue;          /* gone since readdir */
+            rc = lfs_fail(w->err, errno, -1, w->path, NULL, "lstat");
+            break;
+        }
+        int e = emit_entry(w, &st);
+        if (e < 0) { rc = e; break; }
+        if (e == 0 && S_ISDIR(st.st_mode)) rc = walk_dir(w);
+    }
+    w->path[base] = 0;
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+    return rc;
+}
+
+int lfs_walk(const char *root, int out_fd, int flags, lfs_error *err)
+{
+    walker w;
+    memset(&w, 0, sizeof w);
+    w.err = err;
+    w.out.fd = out_fd;
+    size_t rl = strlen(root);
+    while (rl > 1 && root[rl - 1] == '/') rl--;
+    if (rl >= sizeof w.path - 1) return lfs_fail(err, ENAMETOOLONG, -1, root, NULL, "path too long");
+    memcpy(w.path, root, rl);
+    w.path[rl] = 0;
+    if (rl == 1 && root[0] == '/') w.path[0] = 0, rl = 0;   /* "/" walks as "" + "/name" */
+    w.root_len = rl;
+    w.out.cap = 1 << 16;
+    w.out.p = malloc(w.out.cap);
+    w.xnames_cap = 1024;
+    w.xnames = malloc(w.xnames_cap);
+    w.xval_cap = 1024;
+    w.xval = malloc(w.xval_cap);
+    int rc;
+    if (!w.out.p || !w.xnames || !w.xval) {
+        rc = lfs_fail(err, ENOMEM, -1, root, NULL, "out of memory");
+        goto out;
+    }
+    struct stat st;
+    if (lstat(rl ? w.path : "/", &st) < 0) {
+        rc = lfs_fail(err, errno, -1, root, NULL, "lstat");
+        goto out;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        rc = lfs_fail(err, ENOTDIR, -1, root, NULL, "not a directory");
+        goto out;
+    }
+    if (rl == 0) {                                   /* the root "/" itself */
+        w.path[0] = '/', w.path[1] = 0;
+        rc = emit_entry(&w, &st);
+        w.path[0] = 0;
+    } else {
+        rc = emit_entry(&w, &st);
+    }
+    if (rc >= 0) rc = walk_dir(&w);
+    if (rc >= 0) rc = wb_flush(&w.out, err);
+out:
+    free(w.out.p);
+    free(w.xnames);
+    free(w.xval);
+    (void)flags;
+    return rc < 0 ? rc : 0;
+}
+
+/* ---------------------------------------------------------------- comparing files */
+
+#define EQ_CHUNK (256 * 1024)
+#define EQ_MAX_THREADS 16
+
+typedef struct eq_job {
+    const char **a;
+    const char **b;
+    size_t n;
+    unsigned char *same;
+    atomic_size_t next;
+} eq_job;
+
+static ssize_t read_full(int fd, unsigned char *p, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, p + got, n - got);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (r == 0) break;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
+static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
+                                unsigned char *bb)
+{
+    int fa = open(a, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fa < 0) return 0;
+    int fb = open(b, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fb < 0) {
+        close(fa);
+        return 0;
+    }
+    unsigned char same = 1;
+    for (;;) {
+        ssize_t ra = read_full(fa, ba, EQ_CHUNK);
+        ssize_t rb = read_full(fb, bb, EQ_CHUNK);
+        if (ra < 0 || rb < 0 || ra != rb || memcmp(ba, bb, (size_t)ra) != 0) {
+            same = 0;
+            break;
+        }
+        if (ra < EQ_CHUNK) break;
+    }
+    close(fa);
+    close(fb);
+    return same;
+}
+
+static void *eq_worker(void *arg)
+{
+    eq_job *j = arg;
+    unsigned char *ba = malloc(EQ_CHUNK), *bb = malloc(EQ_CHUNK);
+    if (!ba || !bb) {
+        free(ba);
+        free(bb);
+        return (void *)1;
+    }
+    for (;;) {
+        size_t i = atomic_fetch_add(&j->next, 1);
+        if (i >= j->n) break;
+        j->same[i] = equal_pair(j->a[i], j->b[i], ba, bb);
+    }
+    free(ba);
+    free(bb);
+    return NULL;
+}
+
+int lfs_files_equal(const char *paths, size_t n, unsigned threads, unsigned char *same,
+                    lfs_error *err)
+{
+    eq_job j;
+    j.a = malloc((n ? n : 1) * sizeof *j.a);
+    j.b = malloc((n ? n : 1) * sizeof *j.b);
+    if (!j.a || !j.b) {
+        free(j.a);
+        free(j.b);
+        return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing files");
+    }
+    const char *p = paths;
+    for (size_t i = 0; i < n; i++) {
+        j.a[i] = p;
+        p += strlen(p) + 1;
+        j.b[i] = p;
+        p += strlen(p) + 1;
+    }
+    j.n = n;
+    j.same = same;
+    atomic_init(&j.next, 0);
+    if (threads == 0) threads = 2;
+    if (threads > EQ_MAX_THREADS) threads = EQ_MAX_THREADS;
+    if ((size_t)threads > n) threads = n ? (unsigned)n : 1;
+    pthread_t t[EQ_MAX_THREADS];
+    unsigned started = 0;
+    for (unsigned k = 1; k < threads; k++) {
+        if (pthread_create(&t[k], NULL, eq_worker, &j) != 0) break;
+        started = k;
+    }
+    int fail = eq_worker(&j) != NULL;
+    for (unsigned k = 1; k <= started; k++) {
+        void *r = NULL;
+        pthread_join(t[k], &r);
+        if (r) fail = 1;
+    }
+    free(j.a);
+    free(j.b);
+    if (fail) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing files");
+    return 0;
+}
