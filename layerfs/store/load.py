@@ -247,6 +247,9 @@ def load(store, source, *, platform: Union[Platform, str, None] = None,
             if not images:
                 from ..errors import NotFound
                 raise NotFound("the source holds no image", str(src.path))
+            if names is not None and len(images) > 1:
+                raise ValueError(f"the source holds {len(images)} images: names can be given "
+                                 "only for one (select it, e.g. oci:PATH:TAG)")
             with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerfs-fetch") as pool:
                 return [_load_image(store, src, img, names, progress, pool) for img in images]
 
