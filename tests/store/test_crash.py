@@ -62,7 +62,8 @@ CHILD = textwrap.dedent("""
 
 def _child(tmp_path, point, root, driver, source):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(repo=os.getcwd()))
+    import layerfs
+    script.write_text(CHILD.format(repo=os.path.dirname(os.path.dirname(layerfs.__file__))))
     return subprocess.run([sys.executable, str(script), point, root, driver, source],
                           capture_output=True, text=True, timeout=300)
 
