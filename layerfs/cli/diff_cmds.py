@@ -44,7 +44,8 @@ _SOURCE_HELP = ("OLD and NEW: a directory, a layer tarball (tar, tar.gz, tar.zst
               help="Image of a multi-platform index (default: this machine's).")
 @click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are differences.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
-def diff_cmd(old, new, as_json, json_lines, semantic, ignore, include, exclude, raw, raw_old,
+@click.pass_context
+def diff_cmd(ctx, old, new, as_json, json_lines, semantic, ignore, include, exclude, raw, raw_old,
              raw_new, no_renames, dir_mtime, layer_info, platform, exit_zero, quiet):
     """Show what changed from OLD to NEW, and which layer did it.
 
@@ -57,8 +58,15 @@ def diff_cmd(old, new, as_json, json_lines, semantic, ignore, include, exclude, 
         raise click.UsageError("--json and --json-lines exclude each other")
     show = progress_enabled(quiet)
     start = time.monotonic()
-    a = sources.open_source(old, "raw" if (raw or raw_old) else None, platform=platform)
-    b = sources.open_source(new, "raw" if (raw or raw_new) else None, platform=platform)
+    root = (ctx.find_object(dict) or {}).get("root")
+    a = sources.open_source(old, "raw" if (raw or raw_old) else None, platform=platform,
+                            store_root=root)
+    try:
+        b = sources.open_source(new, "raw" if (raw or raw_new) else None, platform=platform,
+                                store_root=root)
+    except BaseException:
+        a.close()
+        raise
     try:
         opts = engine.Options.make(ignore=ignore, include=include, exclude=exclude,
                                    dir_mtime=dir_mtime, renames=not no_renames,
@@ -139,7 +147,8 @@ def parse_ratio(text: str) -> float:
 @click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
               help="Image of a multi-platform index (default: this machine's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def layers_cmd(sources, as_json, details, top, max_wasted_bytes, min_efficiency, platform,
+@click.pass_context
+def layers_cmd(ctx, sources, as_json, details, top, max_wasted_bytes, min_efficiency, platform,
                quiet):
     """Per-layer sizes, changes and wasted bytes of an image, with a CI gate.
 
@@ -152,8 +161,9 @@ def layers_cmd(sources, as_json, details, top, max_wasted_bytes, min_efficiency,
     min_eff = parse_ratio(min_efficiency) if min_efficiency is not None else None
     show = progress_enabled(quiet)
     start = time.monotonic()
-    src = S.open_source(sources[0], platform=platform) if len(sources) == 1 \
-        else S.layer_stack(sources)
+    root = (ctx.find_object(dict) or {}).get("root")
+    src = S.open_source(sources[0], platform=platform, store_root=root) \
+        if len(sources) == 1 else S.layer_stack(sources)
     try:
         if not isinstance(src, S.LayerStackSource):
             raise click.UsageError(f"{src.name}: not an image or layer tarball (a {src.kind})")

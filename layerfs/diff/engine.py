@@ -393,10 +393,11 @@ class Diff:
     """The changes from ``old`` to ``new`` (iterate once); ``summary`` counts
     them as they go (complete once the iteration ends)."""
 
-    def __init__(self, old: Source, new: Source, options: Options):
+    def __init__(self, old: Source, new: Source, options: Options, owned: Tuple[Source, ...] = ()):
         self.old = old
         self.new = new
         self.options = options
+        self._owned = list(owned)          # sources opened for this diff: closed at its end
         self.summary = Summary()
         self._seen_add: set = set()
         self._seen_del: set = set()
@@ -568,11 +569,26 @@ class Diff:
         return [out_replace.get(i, c) for i, c in enumerate(changes) if i not in drop]
 
     def __iter__(self) -> Iterator[Change]:
-        if not self.options.renames:
-            yield from self._merge()
-            return
-        changes = self._with_renames(list(self._merge()))
+        try:
+            if not self.options.renames:
+                yield from self._merge()
+                return
+            changes = self._with_renames(list(self._merge()))
+        finally:
+            self.close()
         yield from changes
+
+    def close(self) -> None:
+        """Close the sources this diff opened itself (e.g. release a store's lock)."""
+        owned, self._owned = self._owned, []
+        for s in owned:
+            s.close()
+
+    def __enter__(self) -> "Diff":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def compare(old: SourceArg, new: SourceArg, *, view: Optional[str] = None,
@@ -592,11 +608,16 @@ def compare(old: SourceArg, new: SourceArg, *, view: Optional[str] = None,
     count); include / exclude: path globs (a pattern without "/" matches any
     component); renames: pair deleted and added files of equal content.
     """
-    a = open_source(old, old_view or view)
-    b = open_source(new, new_view or view)
     opts = Options.make(ignore=ignore, include=include, exclude=exclude, dir_mtime=dir_mtime,
                         renames=renames, semantic=semantic)
-    return Diff(a, b, opts)
+    a = open_source(old, old_view or view)
+    try:
+        b = open_source(new, new_view or view)
+    except BaseException:
+        if a is not old:
+            a.close()
+        raise
+    return Diff(a, b, opts, tuple(s for s, arg in ((a, old), (b, new)) if s is not arg))
 
 
 def compare_sources(old: Source, new: Source, options: Optional[Options] = None) -> Diff:

@@ -191,14 +191,19 @@ def analyze_layers(source: SourceArg, *, details: bool = False) -> StackReport:
     """Fold the layers of an image (or of layer tarballs) and account for
     every stored byte: which layer stores it, and which later layer wastes it."""
     src = source if isinstance(source, LayerStackSource) else open_source(source)
-    if not isinstance(src, LayerStackSource):
-        raise ValueError(f"{src.name}: not an image or layer tarball (a {src.kind})")
-    reports = [LayerReport(l) for l in src.layers]
-    obs = _Waste(reports, details)
-    tree = Tree()
-    for layer, entries in src.scans():
-        reports[layer.index].entries = len(entries)
-        fold_layer(tree, entries, layer.index, observer=obs)
+    try:
+        if not isinstance(src, LayerStackSource):
+            raise ValueError(f"{src.name}: not an image or layer tarball (a {src.kind})")
+        reports = [LayerReport(l) for l in src.layers]
+        obs = _Waste(reports, details)
+        tree = Tree()
+        for layer, entries in src.scans():
+            reports[layer.index].entries = len(entries)
+            fold_layer(tree, entries, layer.index, observer=obs)
+        described = src.describe()
+    finally:
+        if src is not source:
+            src.close()
     for r in reports:
         r.wasted.sort(key=lambda w: (-w.size, w.path))
     total = sum(r.content_bytes for r in reports)
@@ -212,7 +217,7 @@ def analyze_layers(source: SourceArg, *, details: bool = False) -> StackReport:
             if m.link not in seen:
                 seen.add(m.link)
                 image_bytes += m.size
-    return StackReport(src.describe(), reports, total, wasted, image_bytes, files)
+    return StackReport(described, reports, total, wasted, image_bytes, files)
 
 
 __all__ = ["LayerReport", "StackReport", "WasteItem", "analyze_layers", "copy_differences"]

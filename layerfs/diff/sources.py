@@ -20,7 +20,9 @@ Kinds of source (:func:`open_source` detects them, or takes a prefix):
 ``docker-archive:PATH[:REF]``  a ``docker save`` tarball
 ``upper:PATH``      an overlay upper directory (char 0:0 whiteouts, opaque
                     xattrs); raw view by default
-``store:REF``       an image or layer in a layerfs store (see :func:`register_transport`)
+``store:REF``       an image of a layerfs store (name, id, id prefix) or a layer by
+                    ChainID (with the layers below it); the store at $LAYERFS_ROOT
+                    or the default root unless ``store_root`` is given
 ``empty:``          an empty tree (``layerfs diff --raw empty: LAYER``: a layer's own changes)
 ==================  =====================================================
 
@@ -790,6 +792,106 @@ class ImageSourceAdapter(LayerStackSource):
         self._src.close()
 
 
+class StoreSource(LayerStackSource):
+    """An image of a layerfs store (by name, image id or unique id prefix), or
+    a layer by ChainID with the layers below it.  Each layer is read from its
+    original blob when the store kept it, else rebuilt from its tar-split
+    record.  The store lock is held shared until :meth:`close`."""
+
+    def __init__(self, ref: str, view: Optional[str] = None, upto: Optional[int] = None,
+                 root: Optional[str] = None, store=None):
+        from ..store import Store
+        self._own = store is None
+        self.store = store if store is not None else Store(root or os.environ.get("LAYERFS_ROOT"),
+                                                           sweep=False)
+        self._hold = self.store.reading()
+        self._hold.__enter__()
+        try:
+            layers, self.image = self._resolve(ref)
+            super().__init__(layers, f"store:{ref}", view, upto)
+            self.kind = "store"
+        except BaseException:
+            self.close()
+            raise
+
+    def _opener(self, chain_id: str, digest: Optional[str]):
+        st = self.store
+        blob = st.blob_path(digest) if digest else None
+        if blob is not None and os.path.exists(blob):
+            return lambda: blob
+        rec = st.layer(chain_id)
+        if rec is not None and rec.record and st.records and \
+                os.path.exists(st.record_path(chain_id)):
+            from ..store import _tarsplit
+
+            def reassembled():
+                return _tarsplit.open_reassembled(st.record_path(chain_id),
+                                                  st.layer_files(chain_id))
+            return reassembled
+
+        def missing():
+            raise NotFound(f"layer {chain_id}: neither its blob nor a tar-split record is in "
+                           "the store", st.layer_dir(chain_id))
+        return missing
+
+    def _resolve(self, ref: str):
+        import json as _json
+        st = self.store
+        try:
+            img = st.resolve(ref).image
+        except NotFound:
+            img = None
+        if img is not None:
+            history: List[Dict[str, Any]] = []
+            try:
+                history = _json.loads(st.read_blob(img.config_digest)).get("history") or []
+            except (OSError, ValueError, AttributeError):
+                history = []
+            hist = _history_for_layers(history, len(img.layers))
+            layers = [LayerInfo(i, f"store:{ref} layer {i} ({il.chain_id})",
+                                self._opener(il.chain_id, il.digest), digest=il.digest,
+                                diff_id=il.diff_id, size=il.size, media_type=il.media_type,
+                                created_by=hist[i].get("created_by"),
+                                comment=hist[i].get("comment"), created=hist[i].get("created"))
+                      for i, il in enumerate(img.layers)]
+            if not layers:
+                raise NotFound("the image has no layers", f"store:{ref}")
+            return layers, img
+        # a layer by ChainID: the chain below it, bottom first
+        from ..digest import parse_digest
+        try:
+            chain = parse_digest(ref)
+        except ValueError:
+            raise NotFound(f"no image or layer {ref!r} in the store", st.root) from None
+        recs = []
+        c: Optional[str] = chain
+        while c:
+            rec = st.layer(c)
+            if rec is None:
+                raise NotFound(f"no image or layer {ref!r} in the store", st.root)
+            recs.append(rec)
+            c = rec.parent
+        recs.reverse()
+        return [LayerInfo(i, f"store layer {r.chain_id}", self._opener(r.chain_id, None),
+                          diff_id=r.diff_id) for i, r in enumerate(recs)], None
+
+    def describe(self) -> Dict[str, Any]:
+        d = super().describe()
+        d["store"] = self.store.root
+        if self.image is not None:
+            d["image"] = {"id": self.image.config_digest, "manifest": self.image.manifest_digest,
+                          "names": self.store.names_of(self.image.manifest_digest)}
+        return d
+
+    def close(self) -> None:
+        hold, self._hold = getattr(self, "_hold", None), None
+        if hold is not None:
+            hold.__exit__(None, None, None)
+        if getattr(self, "_own", False):
+            self._own = False
+            self.store.close()
+
+
 # ----------------------------------------------------------------- specs
 
 _Factory = Callable[[str, Optional[str], Optional[int]], Source]
@@ -810,12 +912,12 @@ def _layer_file_source(path: str, view, upto) -> Source:
     return LayerStackSource([LayerInfo(0, path, lambda: path)], path, view, upto)
 
 
-def _store_source(ref: str, view, upto) -> Source:
+def _store_source(ref: str, view, upto, root: Optional[str] = None) -> Source:
     try:
-        from ..store import diff_source  # type: ignore[attr-defined]
+        import layerfs.store  # noqa: F401
     except ImportError:
         raise NotSupported(f"store:{ref}: no layerfs store support in this build") from None
-    return diff_source(ref, view=view, upto=upto)
+    return StoreSource(ref, view, upto, root=root)
 
 
 register_transport("dir", lambda p, v, u: DirectorySource(p, v))
@@ -883,7 +985,8 @@ def _split_layer_index(spec: str) -> Tuple[str, Optional[int]]:
 SourceArg = Union[str, "os.PathLike[str]", Source]
 
 
-def open_source(spec: SourceArg, view: Optional[str] = None, *, platform=None) -> Source:
+def open_source(spec: SourceArg, view: Optional[str] = None, *, platform=None,
+                store_root: Optional[str] = None) -> Source:
     """A :class:`Source` for a path, a prefixed spec, or a Source (returned as is).
 
     Detection without a prefix: a directory holding ``oci-layout`` or
@@ -901,6 +1004,8 @@ def open_source(spec: SourceArg, view: Optional[str] = None, *, platform=None) -
         prefix, sep, rest = text.partition(":")
         if sep and prefix in _IMAGE_PREFIXES:
             return ImageSourceAdapter(text, view, upto, platform=platform)
+        if sep and prefix == "store" and _TRANSPORTS.get("store") is _store_source:
+            return _store_source(rest, view, upto, root=store_root)
         if sep and prefix in _TRANSPORTS:
             return _TRANSPORTS[prefix](rest, view, upto)
         raise NotFound("no such file, directory or image", text)
@@ -950,6 +1055,7 @@ def empty_source() -> Source:
 
 __all__ = ["COARSE", "DirectorySource", "EFFECTIVE", "EntryMeta", "FoldObserver", "IMPLICIT",
            "ImageSourceAdapter", "LayerInfo", "LayerStackSource", "MapSource", "OPAQUE",
+           "StoreSource",
            "OVERLAY_PRIVATE_XATTRS", "OverlayUpperSource", "RAW", "Source", "Tree", "VIEWS",
            "detect_file", "empty_source", "fold_layer", "layer_stack", "norm_path",
            "open_source", "parent_of", "raw_layer_map", "register_transport", "scan_layer",

@@ -164,3 +164,21 @@ def test_layers_report_and_gate(layerfs_cli, tmp_path):
     assert json.loads(r.stdout)["wasted_bytes"] == 20000
     r = layerfs_cli("layers", "--min-efficiency", "150%", *layers)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_store_sources(layerfs_cli, tmp_path):
+    layers = [TarBuilder().dir("etc").file("etc/conf", b"v1" * 100).write(tmp_path / "0.tar"),
+              TarBuilder().file("etc/conf", b"v2" * 100).write(tmp_path / "1.tar")]
+    oci = write_oci(layers, tmp_path / "oci")
+    root = tmp_path / "store"
+    r = layerfs_cli("--root", root, "--driver", "vfs", "load", "-i", oci)
+    assert r.returncode == 0, r.stderr
+    r = layerfs_cli("--root", root, "diff", "store:example.com/test/img:1", f"oci:{oci}")
+    assert r.returncode == 0, r.stderr
+    r = layerfs_cli("--root", root, "diff", "--layer-info", f"store:example.com/test/img:1#0",
+                    "store:example.com/test/img:1")
+    assert r.returncode == 1 and r.stdout.startswith("M /etc/conf  content"), r.stderr
+    assert "[layer 1: step 1]" in r.stdout
+    r = layerfs_cli("--root", root, "layers", "--json", "store:example.com/test/img:1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["wasted_bytes"] == 200

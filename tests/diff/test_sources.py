@@ -17,7 +17,7 @@ from layerfs.archive import create_layer, unpack_layers
 from layerfs.diff import compare, open_source
 from layerfs.diff.sources import (DirectorySource, LayerStackSource, OverlayUpperSource,
                                   detect_file, layer_stack)
-from layerfs.errors import NotFound, NotSupported
+from layerfs.errors import NotFound
 
 T0 = 1_700_000_000_123_456_789
 # vfs_cap_data v2: effective, CAP_NET_RAW permitted
@@ -311,8 +311,48 @@ def test_detection(tmp_path):
     assert isinstance(open_source(f"dir:{tmp_path / 't'}"), DirectorySource)
     with pytest.raises(NotFound):
         open_source(str(tmp_path / "missing"))
-    with pytest.raises(NotSupported):
-        open_source("store:example:1").entries()
+    with pytest.raises(NotFound):
+        open_source("store:example.com/none:1", store_root=str(tmp_path / "store"))
+
+
+def test_stored_images_and_layers(tmp_path):
+    from layerfs.digest import chain_ids
+    from layerfs.store import Store
+    layers = _stack(tmp_path)
+    hist = [{"created_by": "base"}, {"created_by": "RUN edit"}, {"created_by": "RUN more"}]
+    oci = write_oci(layers, tmp_path / "oci", history=hist)
+    root = str(tmp_path / "store")
+    with Store(root, driver="vfs") as st:
+        (loaded,) = st.load(str(oci))
+        st.set_names(loaded.image.manifest_digest, ["example.com/test/img:1"])
+        image_id = loaded.image.id
+    applied = tmp_path / "applied"
+    unpack_layers([str(p) for p in layers], applied)
+    for ref in ("example.com/test/img:1", image_id, image_id.split(":")[1][:12]):
+        src = open_source(f"store:{ref}", store_root=root)
+        try:
+            assert src.kind == "store"
+            assert [l.created_by for l in src.layers] == ["base", "RUN edit", "RUN more"]
+            assert changes(src, applied) == []
+            assert changes(src, f"oci:{oci}") == []
+        finally:
+            src.close()
+    # a layer by ChainID: that layer and the ones below it
+    diff_ids = [l.diff_id for l in open_source(f"oci:{oci}").layers]
+    mid = chain_ids(diff_ids)[1]
+    two = tmp_path / "two"
+    unpack_layers([str(p) for p in layers[:2]], two)
+    src = open_source(f"store:{mid}", store_root=root)
+    try:
+        assert len(src.layers) == 2 and changes(src, two) == []
+    finally:
+        src.close()
+    os.environ["LAYERFS_ROOT"] = root
+    try:
+        with open_source("store:example.com/test/img:1#0") as src:
+            assert changes(src, layers[0]) == []
+    finally:
+        del os.environ["LAYERFS_ROOT"]
 
 
 def test_overlay_upper_directory(tmp_path):
