@@ -255,6 +255,12 @@ def test_same_content_in_other_containers_compares_equal(tmp_path_factory, spec)
     layer = tmp / "l.tar.zst"
     create_layer(t, layer, compression="zstd")
     oci = write_oci([layer], tmp / "oci")
-    for other in (layer, f"oci:{oci}", gnu_tar(t, tmp / "g.tar")):
-        assert changes(t, other) == []
-        assert changes(other, t) == []
+    from layerfs.diff.sources import StoreSource
+    from layerfs.store import Store
+    with Store(str(tmp / "store"), driver="vfs") as st:
+        (loaded,) = st.load(str(oci))
+        stored = StoreSource(loaded.image.id, store=st)
+        for other in (layer, f"oci:{oci}", gnu_tar(t, tmp / "g.tar"), stored):
+            assert changes(t, other) == []
+            assert changes(other, t) == []
+        stored.close()
