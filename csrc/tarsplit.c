@@ -46,8 +46,10 @@
  * file) and checks the body's CRC (a damaged record is refused before any file
  * is opened: zstd's own checksum comes only at the end), then streams the body: kept bytes are copied, file operations read
  * the file beneath the root (in-root resolution, final component never
- * followed; type, size and CRC checked) or their captured blob.  Output is
- * hashed as it goes and compared with the DiffID at the end.
+ * followed; type, size and CRC checked) or their captured blob.  Output goes
+ * out in 1 MiB buffers; with two or more CPUs a second thread hashes and
+ * writes them while the first reads the next files (sha256 is the ceiling).
+ * The hash is compared with the DiffID at the end.
  */
 #include "internal.h"
 
@@ -55,6 +57,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,7 +80,8 @@
 
 #define BODY_CAP (1u << 20)         /* operations staged before compressing */
 #define IO_CAP (1u << 20)           /* file reads, output writes */
-#define ZSTD_LEVEL 3
+#define NOUT 4                      /* output buffers in flight (reassembly) */
+#define ZSTD_LEVEL 1             /* headers: level 1 is both faster and smaller than 3 here */
 
 #define OP_RAW 'R'
 #define OP_FILE 'F'
@@ -862,10 +868,21 @@ typedef struct rd {
     size_t dec_cap, dec_len, dec_pos;
     int frame_done;
 
-    unsigned char *ob;              /* output */
+    unsigned char *ob;              /* output buffer being filled: obuf[handed % NOUT] */
     size_t olen;
-    uint64_t out_bytes;
-    lfs_sha256 h;
+    uint64_t out_bytes;             /* bytes handed to the output stage */
+    lfs_sha256 h;                   /* owned by the output stage */
+
+    /* output stage: buffers handed over in order, hashed and written */
+    unsigned char *obuf[NOUT];
+    size_t olens[NOUT];
+    uint64_t handed, done;
+    int threaded, stop, abort_;
+    int werr;                       /* the output stage's write error (errno), sticky */
+    uint64_t werr_off;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
 
     ZSTD_DCtx *zb;                  /* captured blobs */
 
@@ -1071,18 +1088,112 @@ static int body_uv(rd *r, uint64_t *v)
 
 /* ---- output ---- */
 
+/* Hash and write one buffer (the output stage); returns 0 or -errno. */
+static int out_process(rd *r, const unsigned char *p, size_t n, int failed)
+{
+    lfs_sha256_update(&r->h, p, n);
+    return r->out_fd >= 0 && !failed ? write_full(r->out_fd, p, n) : 0;
+}
+
+static void *out_worker(void *arg)
+{
+    rd *r = arg;
+    uint64_t off = 0;
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        while (r->done == r->handed && !r->stop) pthread_cond_wait(&r->cv, &r->mu);
+        if (r->done == r->handed || r->abort_) break;
+        unsigned i = (unsigned)(r->done % NOUT);
+        size_t n = r->olens[i];
+        int failed = r->werr;
+        pthread_mutex_unlock(&r->mu);
+        int w = out_process(r, r->obuf[i], n, failed);
+        pthread_mutex_lock(&r->mu);
+        if (w < 0 && !r->werr) {
+            r->werr = -w;
+            r->werr_off = off;
+        }
+        off += n;
+        r->done++;
+        pthread_cond_broadcast(&r->cv);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+static int out_start(rd *r)
+{
+    for (int i = 0; i < NOUT; i++)
+        if (!(r->obuf[i] = malloc(IO_CAP))) return -ENOMEM;
+    r->ob = r->obuf[0];
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) < 2) return 0;
+    int rc = pthread_mutex_init(&r->mu, NULL);
+    if (rc) return -rc;
+    if ((rc = pthread_cond_init(&r->cv, NULL))) {
+        pthread_mutex_destroy(&r->mu);
+        return -rc;
+    }
+    /* signals stay with the caller's threads */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&r->th, NULL, out_worker, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        pthread_cond_destroy(&r->cv);
+        pthread_mutex_destroy(&r->mu);
+        return 0;                       /* no thread: the caller's thread does it all */
+    }
+    r->threaded = 1;
+    return 0;
+}
+
+/* Stop the output stage: after every handed buffer (or at once with abort). */
+static void out_stop(rd *r, int abort)
+{
+    if (!r->threaded) return;
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    if (abort) r->abort_ = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->th, NULL);
+    pthread_cond_destroy(&r->cv);
+    pthread_mutex_destroy(&r->mu);
+    r->threaded = 0;
+}
+
+static int write_error(rd *r)
+{
+    return lfs_fail(r->err, r->werr, (int64_t)r->werr_off, NULL, NULL, "cannot write the tar stream");
+}
+
+/* Hand the filled buffer to the output stage and take the next free one. */
 static int out_flush(rd *r)
 {
     if (!r->olen) return 0;
-    lfs_sha256_update(&r->h, r->ob, r->olen);
-    if (r->out_fd >= 0) {
-        int w = write_full(r->out_fd, r->ob, r->olen);
-        if (w < 0) return lfs_fail(r->err, -w, (int64_t)r->out_bytes, NULL, NULL,
-                                   "cannot write the tar stream");
+    if (!r->threaded) {
+        int w = out_process(r, r->ob, r->olen, r->werr);
+        if (w < 0 && !r->werr) {
+            r->werr = -w;
+            r->werr_off = r->out_bytes;
+        }
+        r->out_bytes += r->olen;
+        r->olen = 0;
+        return r->werr ? write_error(r) : 0;
     }
+    pthread_mutex_lock(&r->mu);
+    r->olens[r->handed % NOUT] = r->olen;
+    r->handed++;
+    pthread_cond_broadcast(&r->cv);
+    while (r->handed - r->done >= NOUT) pthread_cond_wait(&r->cv, &r->mu);
+    int werr = r->werr;
+    pthread_mutex_unlock(&r->mu);
     r->out_bytes += r->olen;
     r->olen = 0;
-    return 0;
+    r->ob = r->obuf[r->handed % NOUT];
+    return werr ? write_error(r) : 0;
 }
 
 /* Room for at least one byte at r->ob + r->olen; returns its size. */
@@ -1312,18 +1423,17 @@ int lfs_reassemble(int record_fd, int root_fd, int out_fd, lfs_digests *out, lfs
     if (rc < 0) goto out;
     if ((rc = read_index(r)) < 0) goto out;
     if ((rc = check_body(r)) < 0) goto out;
+    if ((rc = lfs_sha256_init(&r->h)) < 0) {
+        rc = lfs_fail(err, -rc, -1, NULL, NULL, "cannot start sha256");
+        goto out;
+    }
     r->in_cap = ZSTD_DStreamInSize();
     r->dec_cap = ZSTD_DStreamOutSize();
     r->in = malloc(r->in_cap);
     r->dec = malloc(r->dec_cap);
-    r->ob = malloc(IO_CAP);
     r->z = ZSTD_createDCtx();
-    if (!r->in || !r->dec || !r->ob || !r->z) {
+    if (!r->in || !r->dec || !r->z || out_start(r) < 0) {
         rc = lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
-        goto out;
-    }
-    if ((rc = lfs_sha256_init(&r->h)) < 0) {
-        rc = lfs_fail(err, -rc, -1, NULL, NULL, "cannot start sha256");
         goto out;
     }
 
@@ -1369,6 +1479,11 @@ int lfs_reassemble(int record_fd, int root_fd, int out_fd, lfs_digests *out, lfs
         goto out;
     }
     if ((rc = out_flush(r)) < 0) goto out;
+    out_stop(r, 0);
+    if (r->werr) {
+        rc = write_error(r);
+        goto out;
+    }
     unsigned char dig[32];
     lfs_sha256_final(&r->h, dig);
     if (r->out_bytes != r->t.tar_size) {
@@ -1396,13 +1511,14 @@ int lfs_reassemble(int record_fd, int root_fd, int out_fd, lfs_digests *out, lfs
     }
     rc = 0;
 out:
+    out_stop(r, 1);
     lfs_sha256_free(&r->h);
     if (r->dfd >= 0 && r->dfd != root_fd) close(r->dfd);
     ZSTD_freeDCtx(r->z);
     ZSTD_freeDCtx(r->zb);
     free(r->in);
     free(r->dec);
-    free(r->ob);
+    for (int i = 0; i < NOUT; i++) free(r->obuf[i]);
     free(r->b);
     free(segs);
     free(r);
