@@ -89,3 +89,23 @@ def test_saved_image_accepted_by_the_tools(make_store, umoci_layout, umoci_tree,
     if fmt == "oci-dir":
         run("umoci", "unpack", "--image", f"{out}:1.0", tmp_path / "bundle2")
         assert trees_equal(umoci_tree, str(tmp_path / "bundle2/rootfs")) == []
+
+
+def test_skopeo_docker_archive_loads(make_store, umoci_layout, umoci_tree, tmp_path):
+    layout, tag = umoci_layout
+    archive = tmp_path / "docker.tar"
+    skopeo("copy", f"oci:{layout}:{tag}", f"docker-archive:{archive}:team/name:t")
+    s = make_store("overlay")
+    (r,) = s.load(archive)
+    assert r.names == ["docker.io/team/name:t"] and r.new_layers == 4
+    # uncompressed layers: regenerated from the records, not stored twice
+    assert all(not s.has_blob(l.digest) for l in r.image.layers)
+    path = s.mount("team/name:t")
+    try:
+        assert trees_equal(umoci_tree, path) == []
+    finally:
+        s.unmount("team/name:t")
+    out = tmp_path / "again.tar"
+    s.save(["team/name:t"], out, "docker-archive")
+    info = json.loads(skopeo("inspect", f"docker-archive:{out}").stdout)
+    assert info["Layers"] == [l.digest for l in r.image.layers]
