@@ -285,9 +285,10 @@ def df_cmd(store, verbose, as_json):
         return 0
     t = d["totals"]
     click.echo(f"Store {d['root']} (driver {d['driver']}): {human_size(t['store_size'])} on disk")
+    untagged_unique = sum(i["unique_size"] for i in d["images"] if not i["names"])
     _table([
-        ["Images", str(t["images"]), human_size(t["layers_size"]),
-         human_size(t["layers_unreferenced_size"])],
+        ["Images", str(t["images"]), human_size(t["layers_size"] - t["layers_unreferenced_size"]),
+         human_size(untagged_unique)],
         ["Layers", str(t["layers"]), human_size(t["layers_size"]),
          human_size(t["layers_unreferenced_size"])],
         ["Blobs", str(t["blobs"]), human_size(t["blobs_size"]),
