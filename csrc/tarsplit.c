@@ -922,12 +922,12 @@ static int read_trailer(int fd, uint64_t *start, uint64_t *size, trailer *t, lfs
     if (w < 0) return lfs_fail(err, w == -ENODATA ? EBADMSG : -w, -1, NULL, NULL, "cannot read the record");
     if (memcmp(h, REC_MAGIC, 8) != 0)
         return lfs_fail(err, EBADMSG, -1, NULL, NULL, "not a tar-split record");
-    if (get_le32(h + 8) != REC_VERSION || get_le32(b + 8) != REC_VERSION)
-        return lfs_fail(err, ENOTSUP, -1, NULL, NULL, "tar-split record version %u is not supported",
-                        get_le32(h + 8));
     if (memcmp(b, END_MAGIC, 8) != 0 || get_le32(b + 124) != crc32c_(0, b, 124))
         return lfs_fail(err, EBADMSG, -1, NULL, NULL,
                         "damaged tar-split record: trailer missing or corrupt (truncated?)");
+    if (get_le32(h + 8) != REC_VERSION || get_le32(b + 8) != REC_VERSION)
+        return lfs_fail(err, ENOTSUP, -1, NULL, NULL, "tar-split record version %u is not supported",
+                        get_le32(h + 8));
     t->body_off = get_le64(b + 16);
     t->body_len = get_le64(b + 24);
     t->index_off = get_le64(b + 32);
@@ -1257,7 +1257,8 @@ static int open_file(rd *r, size_t plen, int64_t realsize)
             lfs_error e2;
             int fd = lfs_open_dir_in_root(r->root_fd, r->dpath, 0, &e2);
             if (fd < 0) {
-                if (fd == -ENOENT || fd == -ENOTDIR) return changed(r, "'%s' is missing", r->path);
+                if (fd == -ENOENT || fd == -ENOTDIR || fd == -ELOOP)
+                    return changed(r, "'%s' is missing", r->path);
                 return lfs_fail(r->err, -fd, -1, r->path, NULL, "cannot open the directory of the file: %s",
                                 e2.message);
             }
