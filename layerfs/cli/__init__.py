@@ -6,6 +6,7 @@ goes to stdout; progress goes to stderr, only when it is a terminal.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import List, Optional
 
@@ -16,7 +17,37 @@ from ..errors import LayerError
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Which module defines each command; a command's module is imported only when
+#: that command runs (or for --help), so `layerfs unpack` does not pay for the store.
+COMMANDS = {
+    "unpack": "archive_cmds", "digest": "archive_cmds",
+    "drivers": "driver_cmds",
+    "diff": "diff_cmds", "layers": "diff_cmds",
+    "load": "store_cmds", "import": "store_cmds", "save": "store_cmds",
+    "images": "store_cmds", "df": "store_cmds", "inspect": "store_cmds",
+    "history": "store_cmds", "tag": "store_cmds", "rmi": "store_cmds",
+    "prune": "store_cmds", "mount": "store_cmds", "unmount": "store_cmds",
+    "fsck": "store_cmds",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use."""
+
+    def _load(self, name: str) -> None:
+        module = COMMANDS.get(name)
+        if module and name not in self.commands:
+            importlib.import_module(f"{__name__}.{module}")  # registers on `cli`
+
+    def list_commands(self, ctx):
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx, name):
+        self._load(name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="layerfs")
 @click.option("--root", type=click.Path(file_okay=False), default=None, envvar="LAYERFS_ROOT",
               help="Image store directory (default /var/lib/layerfs as root, else "
@@ -30,13 +61,6 @@ def cli(ctx, root, driver):
     ctx.ensure_object(dict).update(root=root, driver=driver)
 
 
-def _register():
-    from . import archive_cmds  # noqa: F401  (commands register themselves on `cli`)
-    from . import driver_cmds  # noqa: F401
-    from . import diff_cmds  # noqa: F401
-    from . import store_cmds  # noqa: F401
-
-
 def _describe(e: BaseException) -> str:
     if isinstance(e, LayerError):
         return str(e)
@@ -47,7 +71,6 @@ def _describe(e: BaseException) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    _register()
     try:
         rv = cli.main(args=argv, prog_name="layerfs", standalone_mode=False)
     except click.exceptions.Exit as e:
