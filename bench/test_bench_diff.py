@@ -12,6 +12,9 @@ command; plain and gzip).
     gz-api     compare(A.tar.gz, B.tar.gz)
     tar-cli    layerfs diff A.tar B.tar
 
+For the tarballs a second peer does what one does today without layerfs:
+extract both (GNU tar, into the benchmark's fresh filesystem), then diff -r.
+
 ``diff -r --no-dereference`` reads both extracted trees and compares bytes; it
 sees no mode, owner, mtime or xattr change, and needs the trees extracted.
 After the rounds the changes layerfs found are checked against the edits
@@ -173,6 +176,26 @@ def _diff_r(a: Path, b: Path) -> Contender:
     return Contender("diff -r", run, "diff -r --no-dereference A B", goal=GOAL)
 
 
+def _extract_and_diff(ta: Path, tb: Path, gz: bool) -> Contender:
+    """What one does today with two layer tarballs: extract both, then diff -r."""
+    x = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"] + (["-z"] if gz else [])
+
+    def run(target: Path):
+        c0 = _children_cpu()
+        for tb_, name in ((ta, "a"), (tb, "b")):
+            d = target / name
+            d.mkdir()
+            subprocess.run(x + ["-xf", str(tb_), "-C", str(d)], check=True)
+        p = subprocess.run(["diff", "-r", "--no-dereference", str(target / "a"),
+                            str(target / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        CPU.setdefault("tar -x + diff -r", []).append(_children_cpu() - c0)
+        assert p.returncode in (0, 1), p.stderr.decode(errors="replace")[-2000:]
+        return p.returncode
+    return Contender("tar -x both + diff -r", run,
+                     f"tar -x{'z' if gz else ''}f A -C a; tar -x{'z' if gz else ''}f B -C b; "
+                     "diff -r --no-dereference a b", goal=GOAL)
+
+
 def _api(a, b) -> Contender:
     from layerfs.diff import compare
 
@@ -251,11 +274,12 @@ def _check(result, plan) -> int:
     return len(by)
 
 
-def _run(side_by_side, me, peer_a, peer_b, plan, rss_pair, **info):
+def _run(side_by_side, me, peer_a, peer_b, plan, rss_pair, extra_peers=(), **info):
     CPU.clear()
-    result = side_by_side.run(me, [_diff_r(peer_a, peer_b)], **info)
+    result = side_by_side.run(me, [_diff_r(peer_a, peer_b), *extra_peers], **info)
     x = side_by_side.benchmark.extra_info
-    for who, key in (("layerfs", "cpu_s"), ("diff -r", "peer_cpu_s")):
+    for who, key in (("layerfs", "cpu_s"), ("diff -r", "peer_cpu_s"),
+                     ("tar -x + diff -r", "extract_diff_cpu_s")):
         if CPU.get(who):
             x[key] = round(statistics.median(CPU[who]), 4)
     if x.get("cpu_s") and x.get("peer_cpu_s"):
@@ -289,6 +313,7 @@ def test_dirs_cli_vs_diff_r(side_by_side, pair, layerfs_cli):
 def test_tarballs_api_vs_diff_r(side_by_side, pair, ext):
     ta, tb = pair[f"a_{ext}"], pair[f"b_{ext}"]
     _run(side_by_side, _api(ta, tb), pair["a"], pair["b"], pair["plan"], (ta, tb),
+         extra_peers=[_extract_and_diff(ta, tb, ext == "gz")],
          inputs=f"layer tarballs ({ext}) vs extracted directories")
     if ext == "tar":
         tiny = peak_rss(pair["tiny_a_tar"], pair["tiny_b_tar"])

@@ -502,7 +502,10 @@ def files_equal(pairs: Sequence[Tuple[bytes, bytes]], threads: int = 0) -> List[
     n = len(pairs)
     if n == 0:
         return []
-    blob = b"\0".join(os.fsencode(p) for pair in pairs for p in pair) + b"\0"
+    try:
+        blob = b"\0".join([p for pair in pairs for p in pair]) + b"\0"
+    except TypeError:               # str or path-like paths
+        blob = b"\0".join([os.fsencode(p) for pair in pairs for p in pair]) + b"\0"
     same = ffi.new("unsigned char[]", n)
     err = _new_error()
     rc = lib.lfs_files_equal(blob, n, threads, same, err)
