@@ -855,13 +855,54 @@ static int set_opaque(ctx *c, int fd, const char *path)
     return 0;
 }
 
+/* Directory over directory: the entry's metadata wins, xattrs included, so an
+ * xattr the existing directory has and the entry does not is removed (the view
+ * then matches an overlay mount, where the upper directory's xattrs are the
+ * ones seen).  overlay.* markers and SELinux labels are not the layer's to drop. */
+static int drop_stale_xattrs(ctx *c, const lfs_entry *e, int fd, const char *path)
+{
+    if (c->o->no_xattrs) return 0;
+    char stackbuf[4096];
+    char *buf = stackbuf;
+    ssize_t n = flistxattr(fd, buf, sizeof stackbuf);
+    if (n < 0 && errno == ERANGE) {
+        ssize_t want = flistxattr(fd, NULL, 0);
+        if (want < 0) return efail(c, errno, path, "cannot list xattrs");
+        buf = malloc((size_t)want + 1);
+        if (!buf) return efail(c, ENOMEM, path, "out of memory");
+        n = flistxattr(fd, buf, (size_t)want);
+    }
+    if (n < 0) {
+        int er = errno;
+        if (buf != stackbuf) free(buf);
+        if (er == ENOTSUP) return 0;
+        return efail(c, er, path, "cannot list xattrs");
+    }
+    int rc = 0;
+    for (ssize_t off = 0; off < n; off += (ssize_t)strlen(buf + off) + 1) {
+        const char *name = buf + off;
+        if (!*name || is_overlay_xattr(name) || strcmp(name, "security.selinux") == 0)
+            continue;
+        int keep = 0;
+        for (size_t i = 0; i < e->nxattrs && !keep; i++)
+            keep = strcmp(e->xattrs[i].name, name) == 0;
+        if (!keep && fremovexattr(fd, name) < 0 && errno != ENODATA) {
+            rc = efail(c, errno, path, "cannot remove xattr '%s' the entry does not carry", name);
+            break;
+        }
+    }
+    if (buf != stackbuf) free(buf);
+    return rc;
+}
+
 static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const char *path,
                   size_t len, uint32_t uid, uint32_t gid)
 {
-    int fd = -1, replaced = 0;
+    int fd = -1, replaced = 0, existed = 0;
     if (mkdirat(pfd, base, 0700) < 0) {
         if (errno != EEXIST) return efail(c, errno, path, "cannot create directory");
         fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
+        existed = fd >= 0;
         if (fd < 0) {
             if (errno != ENOTDIR && errno != ELOOP)
                 return efail(c, errno, path, "cannot open the existing directory");
@@ -879,7 +920,8 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
         fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
         if (fd < 0) return efail(c, errno, path, "cannot open the new directory");
     }
-    int r = meta_dir(c, e, fd, path, len, uid, gid);
+    int r = existed ? drop_stale_xattrs(c, e, fd, path) : 0;
+    if (r == 0) r = meta_dir(c, e, fd, path, len, uid, gid);
     /* Overlay: the non-directory this replaces (a whiteout device, or any entry) hid
      * the lower directory of that name; the new directory must go on hiding it. */
     if (r == 0 && replaced && c->o->whiteouts == LFS_WH_OVERLAY)

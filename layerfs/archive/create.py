@@ -32,10 +32,10 @@ class CreateResult:
 def _normalise_changes(changes: Iterable[Change]):
     out = []
     for c in changes:
-        if isinstance(c, tuple):
-            path, kind = c
+        if hasattr(c, "path") and hasattr(c, "kind"):
+            path, kind = c.path, c.kind   # Change, TreeChange and the like
         else:
-            path, kind = c.path, c.kind
+            path, kind = c
         kind = getattr(kind, "value", kind)
         if kind not in _KIND:
             raise ValueError(f"unknown change kind {kind!r} for {path!r}")

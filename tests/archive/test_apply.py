@@ -906,3 +906,42 @@ def test_cli_digest(tmp_path, layerfs_cli):
     doc = json.loads(proc.stdout)
     assert doc["files"][0]["digest"] == sha(read(paths[0]))
     assert doc["files"][0]["diff_id"] == sha(tars[0])
+
+
+def _dir_layer(path, xattrs):
+    import tarfile
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("d")
+        ti.type = tarfile.DIRTYPE
+        ti.mode = 0o755
+        ti.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+        tf.addfile(ti)
+
+
+@pytest.mark.parametrize("whiteouts", ["apply", "keep"])
+def test_directory_over_directory_takes_the_entrys_xattrs(tmp_path, whiteouts):
+    """Last metadata wins for a directory merged into a directory: xattrs the
+    new entry does not carry are removed, the ones it carries are set."""
+    _dir_layer(tmp_path / "l1.tar", {"user.a": "1", "user.b": "2"})
+    _dir_layer(tmp_path / "l2.tar", {"user.b": "3"})
+    dest = tmp_path / "root"
+    apply_layer(tmp_path / "l1.tar", dest, whiteouts=whiteouts)
+    assert sorted(os.listxattr(dest / "d")) == ["user.a", "user.b"]
+    apply_layer(tmp_path / "l2.tar", dest, whiteouts=whiteouts)
+    assert os.listxattr(dest / "d") == ["user.b"]
+    assert os.getxattr(dest / "d", "user.b") == b"3"
+
+
+def test_create_layer_accepts_change_records(tmp_path):
+    """Change lists may hold records with .path and .kind (the drivers' Change,
+    the diff engine's TreeChange), not only pairs."""
+    from layerfs.drivers.base import Change
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    out = tmp_path / "c.tar"
+    create_layer(src, out, changes=[Change("/etc/hosts", "modified"), Change("/gone", "deleted")])
+    import tarfile
+    with tarfile.open(out) as tf:
+        names = tf.getnames()
+    assert "etc/hosts" in names and ".wh.gone" in names
