@@ -688,3 +688,37 @@ def test_property_any_layer_comes_back(tmp_path_factory, data, mode, lower):
     reassemble(rec, root, out)
     assert out.read_bytes() == data
     assert res.diff_id == sha(data)
+
+
+# ------------------------------------------------------------ drivers
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay", "aufs"])
+def test_driver_layer_directories(tmp_path, driver):
+    """Records taken by the drivers' apply_diff rebuild each layer from the layer
+    directory the driver keeps (vfs: the full tree; overlay: the upper dir with
+    char 0:0 whiteouts; aufs: .wh. files kept)."""
+    from layerfs import drivers
+    cls = drivers.driver_class(driver)
+    store = tmp_path / "store"
+    store.mkdir()
+    support = cls.supported(str(store))
+    if not support.ok:
+        pytest.skip(support.reason)
+    base = tmp_path / "base-src"
+    make_tree(base)
+    base_tar = gnu_tar("--format=posix", "--sparse", xattrs=True)(base)
+    child = Tar().dir("etc/").file("etc/hostname", b"child\n").whiteout("usr/bin/big-link")
+    child.dir("usr/").opaque("usr/share").file("usr/share/new", b"new in child")
+    child.file("etc/hostname", b"child, rewritten\n").whiteout("usr/fifo")
+    child_tar = child.bytes()
+    with cls(str(store)) as d:
+        d.create("base")
+        (tmp_path / "base.tar").write_bytes(base_tar)
+        d.apply_diff("base", str(tmp_path / "base.tar"), record=str(tmp_path / "base.tsr"))
+        d.create("child", parent="base")
+        (tmp_path / "child.tar").write_bytes(child_tar)
+        d.apply_diff("child", str(tmp_path / "child.tar"), record=str(tmp_path / "child.tsr"))
+        for name, data in (("base", base_tar), ("child", child_tar)):
+            out = tmp_path / f"{name}.out"
+            rd = reassemble(tmp_path / f"{name}.tsr", d.diff_dir(name), out)
+            assert out.read_bytes() == data and rd.diff_id == sha(data)
