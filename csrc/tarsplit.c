@@ -344,7 +344,9 @@ static int raw_add(lfs_rec *r, const unsigned char *p, size_t n)
     return 0;
 }
 
-/* The open file operation is complete: write it. */
+static int file_op(lfs_rec *r, const fent *f);
+
+/* The open file operation is complete: write it.  Errors stick (lfs_rec_status). */
 static int file_close(lfs_rec *r)
 {
     if (!r->cur) return 0;
@@ -356,6 +358,13 @@ static int file_close(lfs_rec *r)
     }
     f->crc = r->crc;
     f->state = F_DONE;
+    int w = file_op(r, f);
+    if (w < 0) hook_fail(r, -w, NULL, w == -EIO ? "compression failed" : "cannot write the record");
+    return w;
+}
+
+static int file_op(lfs_rec *r, const fent *f)
+{
     unsigned char op[1 + 10 + 10 + 10 + 4];
     size_t n = 0;
     op[n++] = f->nsp ? OP_SPARSE : OP_FILE;
@@ -397,8 +406,8 @@ void lfs_rec_hook(void *arg, int kind, const unsigned char *p, size_t n)
         r->crc = crc32c_(r->crc, p, n);
         return;
     }
-    int w = r->cur ? file_close(r) : 0;
-    if (w == 0) w = raw_add(r, p, n);
+    if (r->cur && file_close(r) < 0) return;
+    int w = raw_add(r, p, n);
     if (w < 0) hook_fail(r, -w, NULL, w == -EIO ? "compression failed" : "cannot write the record");
 }
 
