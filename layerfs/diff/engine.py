@@ -196,7 +196,7 @@ class _Side:
         self.src = src
         self.entries = src.entries()
         self._groups: Optional[Dict[Any, List[str]]] = None
-        self.content_equal: Dict[str, bool] = {}     # path -> same bytes (prefetched)
+        self.content_equal = _ContentResults()       # path -> same bytes (prefetched)
 
     def groups(self) -> Dict[Any, List[str]]:
         if self._groups is None:
@@ -266,11 +266,39 @@ def files_equal(pa: bytes, pb: bytes, size: int) -> bool:
 _CHUNK = 1 << 20
 
 
+class _ContentResults:
+    """Content decisions computed ahead of the merge, in path order, in chunks
+    on a background thread (the C comparison releases the GIL): the merge
+    waits only for the chunk that holds the path it is at."""
+
+    def __init__(self):
+        self.known: Dict[str, bool] = {}
+        self.pending: Dict[str, Tuple[concurrent.futures.Future, int]] = {}
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def get(self, path: str) -> Optional[bool]:
+        v = self.known.get(path)
+        if v is None and path in self.pending:
+            fut, i = self.pending.pop(path)
+            v = fut.result()[i]
+            self.known[path] = v
+        return v
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+_PIPELINE_CHUNK = 256
+
+
 def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
                       threads: int = 2) -> None:
-    """Decide, on a small thread pool, the content of every pair of regular
-    files that metadata cannot decide (os.read and the C sha256 release the
-    GIL); the results wait in ``_Side.content_equal`` for the merge."""
+    """Start deciding the content of every pair of regular files that metadata
+    cannot decide: byte comparisons (C, its own threads) and the digests of
+    directory files to match a tarball's, in path order, while the merge runs;
+    results in ``a.content_equal``."""
     eb_map = b.entries
     byte_pairs = []
     hash_jobs = []
@@ -294,18 +322,23 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
             hash_jobs.append((b.src, eb))
     results = a.content_equal
     native = getattr(_native, "files_equal", None)
+    if not byte_pairs and not hash_jobs:
+        return
     if native is None and len(byte_pairs) + len(hash_jobs) < 8:
         return
-    if native is not None and byte_pairs:
-        # one C call, its own threads, no GIL
-        same = native([(pa, pb) for _, pa, pb, _ in byte_pairs], threads)
-        for (p, _, _, _), eq in zip(byte_pairs, same):
-            results[p] = eq
+    if native is not None:
+        # one thread feeding chunks to the C comparison (which has its own threads)
+        results.pool = concurrent.futures.ThreadPoolExecutor(1, "layerfs-content")
+        for k in range(0, len(byte_pairs), _PIPELINE_CHUNK):
+            chunk = byte_pairs[k:k + _PIPELINE_CHUNK]
+            fut = results.pool.submit(native, [(pa, pb) for _, pa, pb, _ in chunk], threads)
+            for i, (p, _, _, _) in enumerate(chunk):
+                results.pending[p] = (fut, i)
         byte_pairs = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for (p, _, _, _), eq in zip(byte_pairs, pool.map(lambda t: files_equal(*t[1:]),
                                                           byte_pairs, chunksize=16)):
-            results[p] = eq
+            results.known[p] = eq
         for _ in pool.map(lambda job: job[0].digest(job[1]), hash_jobs, chunksize=16):
             pass
 
@@ -459,6 +492,14 @@ class Diff:
         ea_map, eb_map = a.entries, b.entries
         if "content" not in opts.ignore:
             _prefetch_content(a, b, ka, opts)
+        try:
+            yield from self._walk(a, b, ka, kb)
+        finally:
+            a.content_equal.close()
+
+    def _walk(self, a: _Side, b: _Side, ka: List[str], kb: List[str]) -> Iterator[Change]:
+        opts = self.options
+        ea_map, eb_map = a.entries, b.entries
         skip_old: Optional[str] = None      # a deleted (or replaced) directory's subtree
         i = j = 0
         na, nb = len(ka), len(kb)

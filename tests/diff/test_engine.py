@@ -264,3 +264,18 @@ def test_same_content_in_other_containers_compares_equal(tmp_path_factory, spec)
             assert changes(t, other) == []
             assert changes(other, t) == []
         stored.close()
+
+
+def test_many_undecided_pairs_in_chunks(tmp_path):
+    """More same-size, whole-second pairs than one comparison chunk: each
+    differing one is found, in order."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(700):
+        data = b"%05d" % i * 50
+        mk(a, f"d{i % 7}/f{i:04d}", data, mtime_ns=100 * SECOND)
+        other = data if i % 97 else data[:-1] + b"!"
+        mk(b, f"d{i % 7}/f{i:04d}", other, mtime_ns=100 * SECOND)
+    got = changes(a, b)
+    want = sorted((("M", f"/d{i % 7}/f{i:04d}", ["content"]) for i in range(700) if i % 97 == 0),
+                  key=lambda t: t[1])
+    assert got == want
