@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import io
 import os
 import re
 import stat
@@ -945,12 +946,34 @@ def _looks_like_image_member(name: str) -> Optional[str]:
     return None
 
 
-def detect_file(path: str, budget: int = 200) -> str:
+class _Limited(io.RawIOBase):
+    """At most ``limit`` bytes of a file, then end of file."""
+
+    def __init__(self, f, limit: int):
+        super().__init__()
+        self.f, self.left = f, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.left <= 0:
+            return 0
+        data = self.f.read(min(len(b), self.left))
+        self.left -= len(data)
+        b[:len(data)] = data
+        return len(data)
+
+
+def detect_file(path: str, budget: int = 200, compressed_bytes: int = 8 << 20) -> str:
     """"image" if the tarball at path holds an OCI layout or docker-archive
-    (judged from its first ``budget`` members), else "layer"."""
-    with open(path, "rb") as f:
-        head = f.read(6)
-        f.seek(0)
+    (judged from its first ``budget`` members, and for a compressed file from
+    its first ``compressed_bytes``), else "layer"."""
+    with open(path, "rb") as raw:
+        head = raw.read(6)
+        raw.seek(0)
+        f = raw if head[:2] != b"\x1f\x8b" and head[:4] != b"\x28\xb5\x2f\xfd" else \
+            io.BufferedReader(_Limited(raw, compressed_bytes))
         mode = "r|*" if head[:2] == b"\x1f\x8b" else "r:"
         if head[:4] == b"\x28\xb5\x2f\xfd":
             try:

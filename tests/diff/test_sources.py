@@ -302,7 +302,13 @@ def test_detection(tmp_path):
     assert detect_file(str(layers[0])) == "layer"
     gz = gnu_tar(sample_tree(tmp_path / "t"), tmp_path / "l.tgz", compress="gzip")
     assert detect_file(str(gz)) == "layer"
-    assert detect_file(str(write_oci(layers, tmp_path / "o.tar", tar=True))) == "image"
+    otar = write_oci(layers, tmp_path / "o.tar", tar=True)
+    assert detect_file(str(otar)) == "image"
+    ogz = tmp_path / "o.tar.gz"
+    ogz.write_bytes(subprocess.run(["gzip", "-c", str(otar)], check=True,
+                                   capture_output=True).stdout)
+    assert detect_file(str(ogz)) == "image"
+    assert changes(str(ogz), str(otar)) == []
     d = write_docker(layers, tmp_path / "d.tar")
     assert detect_file(str(d)) == "image"
     assert open_source(str(d)).kind == "docker-archive"
