@@ -19,7 +19,7 @@ from .trees import (OVERLAY_PRIVATE_XATTRS, TreeChange, compare_entries, compare
 from .sources import (DirectorySource, EntryMeta, LayerInfo, LayerStackSource,
                       OverlayUpperSource, Source, empty_source, layer_stack, open_source,
                       register_transport)
-from .engine import Change, Diff, Options, Summary, as_layer_changes, compare
+from .engine import Change, Diff, Options, Summary, as_layer_changes, compare, tree_changes
 from .layers import LayerReport, StackReport, analyze_layers
 
 __all__ = ["OVERLAY_PRIVATE_XATTRS", "TreeChange", "compare_entries", "compare_trees",
@@ -27,4 +27,4 @@ __all__ = ["OVERLAY_PRIVATE_XATTRS", "TreeChange", "compare_entries", "compare_t
            "Change", "Diff", "DirectorySource", "EntryMeta", "LayerInfo", "LayerReport",
            "LayerStackSource", "Options", "OverlayUpperSource", "Source", "StackReport",
            "Summary", "analyze_layers", "as_layer_changes", "compare", "empty_source",
-           "layer_stack", "open_source", "register_transport"]
+           "layer_stack", "open_source", "register_transport", "tree_changes"]

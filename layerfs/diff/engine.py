@@ -665,6 +665,22 @@ def compare_sources(old: Source, new: Source, options: Optional[Options] = None)
     return Diff(old, new, options or Options())
 
 
+def tree_changes(old_root, new_root, *, dir_mtime: bool = False) -> Iterator["TreeChange"]:
+    """The engine's answer in the shape of :func:`~layerfs.diff.trees.compare_trees`
+    (TreeChange records, same order and kinds) for the storage drivers' naive
+    diff: the walk and the byte comparisons run in the C core.  old_root None
+    stands for an empty tree.  Fields as the engine names them (a size change
+    also carries "content"; a symlink's target, not its size)."""
+    from .sources import DirectorySource, empty_source
+    from .trees import TreeChange
+    old = empty_source() if old_root is None else DirectorySource(old_root)
+    d = Diff(old, DirectorySource(new_root), Options.make(dir_mtime=dir_mtime))
+    for c in d:
+        if c.path == "/" and old_root is None:
+            continue
+        yield TreeChange(c.path, c.kind, dict(c.fields), c.type)
+
+
 def as_layer_changes(changes: Iterable[Change]) -> List[Tuple[str, str]]:
     """(path, kind) pairs for :func:`layerfs.archive.create_layer`: a rename is
     a deletion of the old path and the new path written."""
@@ -681,4 +697,4 @@ def as_layer_changes(changes: Iterable[Change]) -> List[Tuple[str, str]]:
 
 
 __all__ = ["Change", "Diff", "IGNORABLE", "Options", "Summary", "as_layer_changes", "compare",
-           "compare_meta", "compare_sources"]
+           "compare_meta", "compare_sources", "tree_changes"]

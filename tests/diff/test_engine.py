@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from layerfs.archive import apply_layer, create_layer
-from layerfs.diff import as_layer_changes, compare, compare_trees
+from layerfs.diff import as_layer_changes, compare, compare_trees, tree_changes
 from layerfs.diff.output import change_record, format_change
 
 from .test_sources import CAP_NET_RAW, T0, gnu_tar, mk, write_oci
@@ -241,6 +241,10 @@ def test_changes_as_a_layer_rebuild_b(tmp_path_factory, spec_a, spec_b):
     ours = [(c_.path, c_.kind, set(c_.fields)) for c_ in compare(a, b)]
     theirs = [(t.path, t.kind, set(t.fields)) for t in compare_trees(a, b)]
     assert [o[:2] for o in ours] == [t[:2] for t in theirs]
+    assert [(t.path, t.kind, set(t.fields), t.type) for t in tree_changes(a, b)] == \
+        [(c_.path, c_.kind, set(c_.fields), c_.type) for c_ in compare(a, b)]
+    assert [(t.path, t.kind, t.type) for t in tree_changes(None, b)] == \
+        [(t.path, t.kind, t.type) for t in compare_trees(None, b)]
     for (path, _, fo), (_, _, ft) in zip(ours, theirs):
         if any(c_.path == path and c_.type == "symlink" for c_ in d):
             ft.discard("size")          # a symlink's size is its target's length
