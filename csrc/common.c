@@ -1,8 +1,9 @@
-/* Error records and sha256. */
+/* Error records, sha256, growable strings and the hardlink map. */
 #include "internal.h"
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <openssl/evp.h>
 
@@ -66,4 +67,104 @@ void lfs_sha256_free(lfs_sha256 *h)
 {
     if (h->ctx) EVP_MD_CTX_free((EVP_MD_CTX *)h->ctx);
     h->ctx = NULL;
+}
+
+/* ------------------------------------------------------------ growable strings */
+
+int lfs_sb_reserve(lfs_strbuf *b, size_t extra)
+{
+    if (b->len + extra + 1 <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra + 1) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) return -ENOMEM;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+int lfs_sb_append(lfs_strbuf *b, const void *s, size_t n)
+{
+    if (lfs_sb_reserve(b, n) < 0) return -ENOMEM;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+    return 0;
+}
+
+int lfs_sb_set(lfs_strbuf *b, const char *s, size_t n)
+{
+    b->len = 0;
+    return lfs_sb_append(b, s, n);
+}
+
+void lfs_sb_truncate(lfs_strbuf *b, size_t len)
+{
+    b->len = len;
+    if (b->p) b->p[len] = 0;
+}
+
+void lfs_sb_free(lfs_strbuf *b)
+{
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+/* ------------------------------------------------------------ hardlink map */
+
+struct lfs_hl_slot {
+    dev_t dev;
+    ino_t ino;
+    char *path;                   /* NULL: empty slot */
+};
+
+static size_t hl_hash(dev_t dev, ino_t ino)
+{
+    uint64_t h = (uint64_t)ino * 0x9E3779B97F4A7C15ull ^ (uint64_t)dev * 0xC2B2AE3D27D4EB4Full;
+    return (size_t)(h ^ (h >> 29));
+}
+
+const char *lfs_hl_find(const lfs_hl_map *m, dev_t dev, ino_t ino)
+{
+    if (!m->cap) return NULL;
+    for (size_t i = hl_hash(dev, ino) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
+        if (!m->slots[i].path) return NULL;
+        if (m->slots[i].dev == dev && m->slots[i].ino == ino) return m->slots[i].path;
+    }
+}
+
+int lfs_hl_add(lfs_hl_map *m, dev_t dev, ino_t ino, const char *path)
+{
+    if ((m->n + 1) * 2 > m->cap) {
+        size_t ncap = m->cap ? m->cap * 2 : 64;
+        struct lfs_hl_slot *ns = calloc(ncap, sizeof *ns);
+        if (!ns) return -ENOMEM;
+        for (size_t i = 0; i < m->cap; i++) {
+            if (!m->slots[i].path) continue;
+            size_t j = hl_hash(m->slots[i].dev, m->slots[i].ino) & (ncap - 1);
+            while (ns[j].path) j = (j + 1) & (ncap - 1);
+            ns[j] = m->slots[i];
+        }
+        free(m->slots);
+        m->slots = ns;
+        m->cap = ncap;
+    }
+    char *copy = strdup(path);
+    if (!copy) return -ENOMEM;
+    size_t i = hl_hash(dev, ino) & (m->cap - 1);
+    while (m->slots[i].path) i = (i + 1) & (m->cap - 1);
+    m->slots[i].dev = dev;
+    m->slots[i].ino = ino;
+    m->slots[i].path = copy;
+    m->n++;
+    return 0;
+}
+
+void lfs_hl_free(lfs_hl_map *m)
+{
+    for (size_t i = 0; i < m->cap; i++) free(m->slots[i].path);
+    free(m->slots);
+    m->slots = NULL;
+    m->cap = m->n = 0;
 }

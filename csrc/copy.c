@@ -32,47 +32,6 @@
 #define QUEUE_LEN 64                /* regular files waiting for the content thread */
 #define WAKE_BATCH 8                /* queued files that wake the idle content thread */
 
-/* ------------------------------------------------------------ small buffers */
-
-typedef struct strbuf {
-    char *p;
-    size_t len, cap;
-} strbuf;
-
-static int sb_reserve(strbuf *b, size_t extra)
-{
-    if (b->len + extra + 1 <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1) cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) return -ENOMEM;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
-
-static int sb_append(strbuf *b, const void *s, size_t n)
-{
-    if (sb_reserve(b, n) < 0) return -ENOMEM;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-    return 0;
-}
-
-static void sb_truncate(strbuf *b, size_t len)
-{
-    b->len = len;
-    if (b->p) b->p[len] = 0;
-}
-
-static void sb_free(strbuf *b)
-{
-    free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
-}
-
 /* ------------------------------------------------------------ copy context */
 
 typedef struct cctx {
@@ -83,7 +42,7 @@ typedef struct cctx {
     int cfr;                      /* 0 after copy_file_range said "not here" */
     int sendfile;                 /* 0 after sendfile said "not here" */
     char *buf;                    /* read/write buffer, allocated on first use */
-    strbuf xlist, xval;
+    lfs_strbuf xlist, xval;
     char *linkbuf;                /* LFS_PATH_MAX + 1 */
 } cctx;
 
@@ -101,8 +60,8 @@ static void ctx_free(cctx *c)
 {
     free(c->buf);
     free(c->linkbuf);
-    sb_free(&c->xlist);
-    sb_free(&c->xval);
+    lfs_sb_free(&c->xlist);
+    lfs_sb_free(&c->xval);
 }
 
 static int fail_errno(cctx *c, int e, const char *path, const char *what)
@@ -220,7 +179,7 @@ static int copy_xattrs(cctx *c, int sfd, const char *spath, int dfd, const char 
 {
     ssize_t n;
     for (;;) {
-        if (sb_reserve(&c->xlist, 4096) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
+        if (lfs_sb_reserve(&c->xlist, 4096) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
         size_t cap = c->xlist.cap - 1;
         n = sfd >= 0 ? flistxattr(sfd, c->xlist.p, cap) : llistxattr(spath, c->xlist.p, cap);
         if (n >= 0) break;
@@ -228,7 +187,7 @@ static int copy_xattrs(cctx *c, int sfd, const char *spath, int dfd, const char 
         if (errno != ERANGE) return fail_errno(c, errno, path, "listing xattrs");
         n = sfd >= 0 ? flistxattr(sfd, NULL, 0) : llistxattr(spath, NULL, 0);
         if (n < 0) return fail_errno(c, errno, path, "listing xattrs");
-        if (sb_reserve(&c->xlist, (size_t)n + 1) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
+        if (lfs_sb_reserve(&c->xlist, (size_t)n + 1) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
     }
     for (size_t i = 0; i < (size_t)n;) {
         const char *name = c->xlist.p + i;
@@ -237,13 +196,13 @@ static int copy_xattrs(cctx *c, int sfd, const char *spath, int dfd, const char 
         if (!l) continue;
         ssize_t v;
         for (;;) {
-            if (sb_reserve(&c->xval, 4096) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
+            if (lfs_sb_reserve(&c->xval, 4096) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
             size_t cap = c->xval.cap - 1;
             v = sfd >= 0 ? fgetxattr(sfd, name, c->xval.p, cap) : lgetxattr(spath, name, c->xval.p, cap);
             if (v >= 0 || errno != ERANGE) break;
             v = sfd >= 0 ? fgetxattr(sfd, name, NULL, 0) : lgetxattr(spath, name, NULL, 0);
             if (v < 0) break;
-            if (sb_reserve(&c->xval, (size_t)v + 1) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
+            if (lfs_sb_reserve(&c->xval, (size_t)v + 1) < 0) return lfs_fail(c->err, ENOMEM, -1, path, NULL, "out of memory");
         }
         if (v < 0) {
             if (errno == ENODATA) continue;
@@ -413,7 +372,7 @@ out:
 typedef struct job {
     int sfd, dfd;
     struct stat st;
-    strbuf path;
+    lfs_strbuf path;
 } job;
 
 typedef struct worker {
@@ -501,7 +460,7 @@ static int worker_push(worker *w, int sfd, int dfd, const struct stat *st, const
     }
     job *slot = &w->ring[tail % QUEUE_LEN];
     slot->path.len = 0;
-    if (sb_append(&slot->path, path, plen) < 0) {
+    if (lfs_sb_append(&slot->path, path, plen) < 0) {
         close(sfd);
         close(dfd);
         return -ENOMEM;
@@ -525,72 +484,11 @@ static int worker_stop(worker *w, int abort)
     atomic_store(&w->stop, 1);
     wake(w, &w->cv_work);
     pthread_join(w->th, NULL);
-    for (size_t i = 0; i < QUEUE_LEN; i++) sb_free(&w->ring[i].path);
+    for (size_t i = 0; i < QUEUE_LEN; i++) lfs_sb_free(&w->ring[i].path);
     pthread_cond_destroy(&w->cv_work);
     pthread_mutex_destroy(&w->mu);
     ctx_free(&w->c);
     return atomic_load(&w->failed) ? -1 : 0;
-}
-
-/* ------------------------------------------------------------ hardlink map */
-
-typedef struct hl_slot {
-    dev_t dev;
-    ino_t ino;
-    char *path;                   /* destination path relative to the copy's root; NULL: empty */
-} hl_slot;
-
-typedef struct hl_map {
-    hl_slot *slots;
-    size_t cap, n;
-} hl_map;
-
-static size_t hl_hash(dev_t dev, ino_t ino)
-{
-    uint64_t h = (uint64_t)ino * 0x9E3779B97F4A7C15ull ^ (uint64_t)dev * 0xC2B2AE3D27D4EB4Full;
-    return (size_t)(h ^ (h >> 29));
-}
-
-static const char *hl_find(const hl_map *m, dev_t dev, ino_t ino)
-{
-    if (!m->cap) return NULL;
-    for (size_t i = hl_hash(dev, ino) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
-        if (!m->slots[i].path) return NULL;
-        if (m->slots[i].dev == dev && m->slots[i].ino == ino) return m->slots[i].path;
-    }
-}
-
-static int hl_add(hl_map *m, dev_t dev, ino_t ino, const char *path)
-{
-    if ((m->n + 1) * 2 > m->cap) {
-        size_t ncap = m->cap ? m->cap * 2 : 64;
-        hl_slot *ns = calloc(ncap, sizeof *ns);
-        if (!ns) return -ENOMEM;
-        for (size_t i = 0; i < m->cap; i++) {
-            if (!m->slots[i].path) continue;
-            size_t j = hl_hash(m->slots[i].dev, m->slots[i].ino) & (ncap - 1);
-            while (ns[j].path) j = (j + 1) & (ncap - 1);
-            ns[j] = m->slots[i];
-        }
-        free(m->slots);
-        m->slots = ns;
-        m->cap = ncap;
-    }
-    char *copy = strdup(path);
-    if (!copy) return -ENOMEM;
-    size_t i = hl_hash(dev, ino) & (m->cap - 1);
-    while (m->slots[i].path) i = (i + 1) & (m->cap - 1);
-    m->slots[i].dev = dev;
-    m->slots[i].ino = ino;
-    m->slots[i].path = copy;
-    m->n++;
-    return 0;
-}
-
-static void hl_free(hl_map *m)
-{
-    for (size_t i = 0; i < m->cap; i++) free(m->slots[i].path);
-    free(m->slots);
 }
 
 /* ------------------------------------------------------------ lfs_copy_tree */
@@ -630,21 +528,21 @@ typedef struct tree {
     worker w;
     int threaded;
     int droot;                    /* fd of the destination root */
-    hl_map links;
-    strbuf spath;                 /* source path (for errors) */
-    strbuf dpath;                 /* destination path relative to droot (for hardlinks) */
+    lfs_hl_map links;
+    lfs_strbuf spath;                 /* source path (for errors) */
+    lfs_strbuf dpath;                 /* destination path relative to droot (for hardlinks) */
     char *dents;
 } tree;
 
 static int read_names(tree *t, int fd, frame *f)
 {
-    strbuf ar = {0};
+    lfs_strbuf ar = {0};
     size_t count = 0;
     for (;;) {
         ssize_t n = getdents64(fd, t->dents, DENTS_BUF);
         if (n < 0) {
             int e = errno;
-            sb_free(&ar);
+            lfs_sb_free(&ar);
             return fail_errno(&t->c, e, t->spath.p, "reading the directory");
         }
         if (n == 0) break;
@@ -654,8 +552,8 @@ static int read_names(tree *t, int fd, frame *f)
             const char *nm = d->d_name;
             if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0))) continue;
             unsigned char ty = d->d_type;
-            if (sb_append(&ar, &ty, 1) < 0 || sb_append(&ar, nm, strlen(nm) + 1) < 0) {
-                sb_free(&ar);
+            if (lfs_sb_append(&ar, &ty, 1) < 0 || lfs_sb_append(&ar, nm, strlen(nm) + 1) < 0) {
+                lfs_sb_free(&ar);
                 return lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory");
             }
             count++;
@@ -663,7 +561,7 @@ static int read_names(tree *t, int fd, frame *f)
     }
     dname *names = malloc((count ? count : 1) * sizeof *names);
     if (!names) {
-        sb_free(&ar);
+        lfs_sb_free(&ar);
         return lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory");
     }
     size_t off = 0;
@@ -717,10 +615,10 @@ static int reopen_parent(tree *t, frame *child, frame *p)
 static int set_paths(tree *t, const frame *f, const char *name)
 {
     size_t l = strlen(name);
-    sb_truncate(&t->spath, f->spathlen);
-    sb_truncate(&t->dpath, f->dpathlen);
-    if (sb_append(&t->spath, "/", 1) < 0 || sb_append(&t->spath, name, l) < 0 ||
-        sb_append(&t->dpath, name, l) < 0)
+    lfs_sb_truncate(&t->spath, f->spathlen);
+    lfs_sb_truncate(&t->dpath, f->dpathlen);
+    if (lfs_sb_append(&t->spath, "/", 1) < 0 || lfs_sb_append(&t->spath, name, l) < 0 ||
+        lfs_sb_append(&t->dpath, name, l) < 0)
         return lfs_fail(t->c.err, ENOMEM, -1, name, NULL, "out of memory");
     return 0;
 }
@@ -734,7 +632,7 @@ static int tree_regular(tree *t, frame *f, const char *name, int sfd, const stru
         return dfd;
     }
     t->c.st.files++;
-    if (st->st_nlink > 1 && hl_add(&t->links, st->st_dev, st->st_ino, t->dpath.p) < 0) {
+    if (st->st_nlink > 1 && lfs_hl_add(&t->links, st->st_dev, st->st_ino, t->dpath.p) < 0) {
         close(sfd);
         close(dfd);
         return lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory");
@@ -773,11 +671,11 @@ static int walk_copy(tree *t, int s0, int d0, const struct stat *st0)
     while (nf > 0) {
         frame *f = &fr[nf - 1];
         if (f->i == f->n) {
-            sb_truncate(&t->spath, f->spathlen);
+            lfs_sb_truncate(&t->spath, f->spathlen);
             rc = meta_fd(&t->c, f->sfd, f->dfd, &f->st, &f->dst, t->spath.p);
             if (rc < 0) goto out;
             if (nf >= 2 && fr[nf - 2].sfd < 0) {
-                sb_truncate(&t->spath, fr[nf - 2].spathlen);
+                lfs_sb_truncate(&t->spath, fr[nf - 2].spathlen);
                 if ((rc = reopen_parent(t, f, &fr[nf - 2])) < 0) goto out;
             }
             frame_free(f);
@@ -851,7 +749,7 @@ static int walk_copy(tree *t, int s0, int d0, const struct stat *st0)
             c->dfd = dfd;
             c->st = st;
             c->spathlen = t->spath.len;
-            if (sb_append(&t->dpath, "/", 1) < 0) { rc = lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory"); goto out; }
+            if (lfs_sb_append(&t->dpath, "/", 1) < 0) { rc = lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory"); goto out; }
             c->dpathlen = t->dpath.len;
             if (fstat(dfd, &c->dst) < 0) { rc = fail_errno(&t->c, errno, t->spath.p, "stat"); goto out; }
             if ((rc = read_names(t, sfd, c)) < 0) goto out;
@@ -863,7 +761,7 @@ static int walk_copy(tree *t, int s0, int d0, const struct stat *st0)
             continue;
         }
         if (st.st_nlink > 1) {
-            const char *first = hl_find(&t->links, st.st_dev, st.st_ino);
+            const char *first = lfs_hl_find(&t->links, st.st_dev, st.st_ino);
             if (first) {
                 if (sfd >= 0) close(sfd);
                 if (linkat(t->droot, first, f->dfd, name, 0) < 0) {
@@ -883,7 +781,7 @@ static int walk_copy(tree *t, int s0, int d0, const struct stat *st0)
             continue;
         }
         if ((rc = copy_special(&t->c, f->sfd, name, f->dfd, name, &st, t->spath.p, t->spath.p)) < 0) goto out;
-        if (st.st_nlink > 1 && hl_add(&t->links, st.st_dev, st.st_ino, t->dpath.p) < 0) {
+        if (st.st_nlink > 1 && lfs_hl_add(&t->links, st.st_dev, st.st_ino, t->dpath.p) < 0) {
             rc = lfs_fail(t->c.err, ENOMEM, -1, t->spath.p, NULL, "out of memory");
             goto out;
         }
@@ -934,7 +832,7 @@ int lfs_copy_tree(int src_dirfd, const char *src, int dst_dirfd, const char *dst
     t.droot = -1;
     int rc = 0, s0 = -1, d0 = -1;
     t.dents = malloc(DENTS_BUF);
-    if (!t.dents || sb_append(&t.spath, src, strlen(src)) < 0 || sb_append(&t.dpath, "", 0) < 0) {
+    if (!t.dents || lfs_sb_append(&t.spath, src, strlen(src)) < 0 || lfs_sb_append(&t.dpath, "", 0) < 0) {
         rc = lfs_fail(err, ENOMEM, -1, src, NULL, "out of memory");
         goto out;
     }
@@ -974,9 +872,9 @@ out:
     if (d0 >= 0) close(d0);
     if (t.droot >= 0) close(t.droot);
     if (stats) *stats = t.c.st;
-    hl_free(&t.links);
-    sb_free(&t.spath);
-    sb_free(&t.dpath);
+    lfs_hl_free(&t.links);
+    lfs_sb_free(&t.spath);
+    lfs_sb_free(&t.dpath);
     free(t.dents);
     ctx_free(&t.c);
     return rc;

@@ -1,7 +1,7 @@
 /*
  * layerfs C core: declarations shared between the C files (never seen by cffi).
  *
- *   common.c   error records, sha256 (OpenSSL), small helpers
+ *   common.c   error records, sha256 (OpenSSL), growable strings, hardlink map
  *   stream.c   lfs_src (read fd -> detect/decompress -> hash both sides) and
  *              lfs_sink (tar bytes -> hash -> compress -> hash -> write fd)
  *   tar_read.c lfs_tar: a pull parser for ustar/v7/GNU/PAX over an lfs_src
@@ -38,6 +38,28 @@ int lfs_sha256_init(lfs_sha256 *h);
 void lfs_sha256_update(lfs_sha256 *h, const void *p, size_t n);
 void lfs_sha256_final(lfs_sha256 *h, unsigned char out[32]);
 void lfs_sha256_free(lfs_sha256 *h);
+
+/* ---- growable strings (common.c) ----
+ * Zero-initialised is empty; p is NUL-terminated once anything was added. */
+typedef struct lfs_strbuf {
+    char *p;
+    size_t len, cap;
+} lfs_strbuf;
+int lfs_sb_reserve(lfs_strbuf *b, size_t extra);          /* room for extra bytes + NUL */
+int lfs_sb_append(lfs_strbuf *b, const void *s, size_t n);
+int lfs_sb_set(lfs_strbuf *b, const char *s, size_t n);
+void lfs_sb_truncate(lfs_strbuf *b, size_t len);
+void lfs_sb_free(lfs_strbuf *b);
+
+/* ---- hardlink map: (dev, ino) -> the path first seen (common.c) ----
+ * Zero-initialised is empty; lfs_hl_add copies path. */
+typedef struct lfs_hl_map {
+    struct lfs_hl_slot *slots;
+    size_t cap, n;
+} lfs_hl_map;
+const char *lfs_hl_find(const lfs_hl_map *m, dev_t dev, ino_t ino);
+int lfs_hl_add(lfs_hl_map *m, dev_t dev, ino_t ino, const char *path);
+void lfs_hl_free(lfs_hl_map *m);
 
 /* ---- reading side (stream.c) ---- */
 typedef struct lfs_src lfs_src;

@@ -34,110 +34,6 @@
 #define WH_PREFIX ".wh."
 #define WH_OPAQUE ".wh..wh..opq"
 
-/* ------------------------------------------------------------ small buffers */
-
-typedef struct strbuf {
-    char *p;
-    size_t len, cap;
-} strbuf;
-
-static int sb_reserve(strbuf *b, size_t extra)
-{
-    if (b->len + extra + 1 <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1) cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) return -ENOMEM;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
-
-static int sb_append(strbuf *b, const void *s, size_t n)
-{
-    if (sb_reserve(b, n) < 0) return -ENOMEM;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-    return 0;
-}
-
-static int sb_set(strbuf *b, const char *s, size_t n)
-{
-    b->len = 0;
-    return sb_append(b, s, n);
-}
-
-static void sb_free(strbuf *b)
-{
-    free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
-}
-
-/* ------------------------------------------------------------ hardlink map */
-
-typedef struct hl_slot {
-    dev_t dev;
-    ino_t ino;
-    char *path;                   /* NULL: empty slot */
-} hl_slot;
-
-typedef struct hl_map {
-    hl_slot *slots;
-    size_t cap, n;
-} hl_map;
-
-static size_t hl_hash(dev_t dev, ino_t ino)
-{
-    uint64_t h = (uint64_t)ino * 0x9E3779B97F4A7C15ull ^ (uint64_t)dev * 0xC2B2AE3D27D4EB4Full;
-    return (size_t)(h ^ (h >> 29));
-}
-
-static const char *hl_find(const hl_map *m, dev_t dev, ino_t ino)
-{
-    if (!m->cap) return NULL;
-    for (size_t i = hl_hash(dev, ino) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
-        if (!m->slots[i].path) return NULL;
-        if (m->slots[i].dev == dev && m->slots[i].ino == ino) return m->slots[i].path;
-    }
-}
-
-static int hl_add(hl_map *m, dev_t dev, ino_t ino, const char *path)
-{
-    if ((m->n + 1) * 2 > m->cap) {
-        size_t ncap = m->cap ? m->cap * 2 : 64;
-        hl_slot *ns = calloc(ncap, sizeof *ns);
-        if (!ns) return -ENOMEM;
-        for (size_t i = 0; i < m->cap; i++) {
-            if (!m->slots[i].path) continue;
-            size_t j = hl_hash(m->slots[i].dev, m->slots[i].ino) & (ncap - 1);
-            while (ns[j].path) j = (j + 1) & (ncap - 1);
-            ns[j] = m->slots[i];
-        }
-        free(m->slots);
-        m->slots = ns;
-        m->cap = ncap;
-    }
-    char *copy = strdup(path);
-    if (!copy) return -ENOMEM;
-    size_t i = hl_hash(dev, ino) & (m->cap - 1);
-    while (m->slots[i].path) i = (i + 1) & (m->cap - 1);
-    m->slots[i].dev = dev;
-    m->slots[i].ino = ino;
-    m->slots[i].path = copy;
-    m->n++;
-    return 0;
-}
-
-static void hl_free(hl_map *m)
-{
-    for (size_t i = 0; i < m->cap; i++) free(m->slots[i].path);
-    free(m->slots);
-    m->slots = NULL;
-    m->cap = m->n = 0;
-}
-
 /* ------------------------------------------------------------ writer state */
 
 typedef struct xent {
@@ -158,12 +54,12 @@ typedef struct tw {
     size_t used;
     uint64_t offset;              /* tar bytes produced so far */
     uint64_t entries;
-    hl_map links;
-    strbuf pax;                   /* PAX records of the entry being written */
-    strbuf alias;                 /* ustar name of a sparse entry */
-    strbuf xname;                 /* name of a PAX header entry */
-    strbuf xlist;                 /* listxattr result */
-    strbuf xvals;                 /* xattr values */
+    lfs_hl_map links;
+    lfs_strbuf pax;                   /* PAX records of the entry being written */
+    lfs_strbuf alias;                 /* ustar name of a sparse entry */
+    lfs_strbuf xname;                 /* name of a PAX header entry */
+    lfs_strbuf xlist;                 /* listxattr result */
+    lfs_strbuf xvals;                 /* xattr values */
     xent *xe;
     size_t nxe, xecap;
     seg *segs;
@@ -320,12 +216,12 @@ static int pax_add(tw *t, const char *key, const void *val, size_t vlen)
     if (ndigits(n + d) > d) d++;
     char num[24];
     int w = snprintf(num, sizeof num, "%zu ", n + d);
-    if (sb_reserve(&t->pax, n + d) < 0) return -ENOMEM;
-    sb_append(&t->pax, num, (size_t)w);
-    sb_append(&t->pax, key, klen);
-    sb_append(&t->pax, "=", 1);
-    sb_append(&t->pax, val, vlen);
-    sb_append(&t->pax, "\n", 1);
+    if (lfs_sb_reserve(&t->pax, n + d) < 0) return -ENOMEM;
+    lfs_sb_append(&t->pax, num, (size_t)w);
+    lfs_sb_append(&t->pax, key, klen);
+    lfs_sb_append(&t->pax, "=", 1);
+    lfs_sb_append(&t->pax, val, vlen);
+    lfs_sb_append(&t->pax, "\n", 1);
     return 0;
 }
 
@@ -391,8 +287,8 @@ static int pax_header_name(tw *t, const char *name, size_t len)
     size_t base = len;
     while (base > 0 && name[base - 1] != '/') base--;
     t->xname.len = 0;
-    if (sb_append(&t->xname, name, base) < 0 || sb_append(&t->xname, "PaxHeaders.0/", 13) < 0 ||
-        sb_append(&t->xname, name + base, len - base) < 0)
+    if (lfs_sb_append(&t->xname, name, base) < 0 || lfs_sb_append(&t->xname, "PaxHeaders.0/", 13) < 0 ||
+        lfs_sb_append(&t->xname, name + base, len - base) < 0)
         return -ENOMEM;
     return 0;
 }
@@ -403,8 +299,8 @@ static int sparse_alias(tw *t, const char *name, size_t len)
     size_t base = len;
     while (base > 0 && name[base - 1] != '/') base--;
     t->alias.len = 0;
-    if (sb_append(&t->alias, name, base) < 0 || sb_append(&t->alias, "GNUSparseFile.0/", 16) < 0 ||
-        sb_append(&t->alias, name + base, len - base) < 0)
+    if (lfs_sb_append(&t->alias, name, base) < 0 || lfs_sb_append(&t->alias, "GNUSparseFile.0/", 16) < 0 ||
+        lfs_sb_append(&t->alias, name + base, len - base) < 0)
         return -ENOMEM;
     return 0;
 }
@@ -528,7 +424,7 @@ static int read_xattrs(tw *t, int fd, int dirfd, const char *name, const char *p
     if (fd < 0) proc_path(pp, sizeof pp, dirfd, name);
     ssize_t n;
     for (;;) {
-        if (sb_reserve(&t->xlist, 4096) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
+        if (lfs_sb_reserve(&t->xlist, 4096) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
         size_t cap = t->xlist.cap - 1;
         n = fd >= 0 ? flistxattr(fd, t->xlist.p, cap) : llistxattr(pp, t->xlist.p, cap);
         if (n >= 0) break;
@@ -537,7 +433,7 @@ static int read_xattrs(tw *t, int fd, int dirfd, const char *name, const char *p
         n = fd >= 0 ? flistxattr(fd, NULL, 0) : llistxattr(pp, NULL, 0);
         if (n < 0) return tw_fail(t, errno, path, "listing xattrs: %s", strerror(errno));
         t->xlist.len = 0;
-        if (sb_reserve(&t->xlist, (size_t)n + 1) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
+        if (lfs_sb_reserve(&t->xlist, (size_t)n + 1) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
     }
     if (n == 0) return 0;
     t->xlist.p[n] = 0;
@@ -548,14 +444,14 @@ static int read_xattrs(tw *t, int fd, int dirfd, const char *name, const char *p
         if (!l || !is_exported_xattr(xn)) continue;
         ssize_t v;
         for (;;) {
-            if (sb_reserve(&t->xvals, 4096) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
+            if (lfs_sb_reserve(&t->xvals, 4096) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
             char *dst = t->xvals.p + t->xvals.len;
             size_t cap = t->xvals.cap - t->xvals.len - 1;
             v = fd >= 0 ? fgetxattr(fd, xn, dst, cap) : lgetxattr(pp, xn, dst, cap);
             if (v >= 0 || errno != ERANGE) break;
             v = fd >= 0 ? fgetxattr(fd, xn, NULL, 0) : lgetxattr(pp, xn, NULL, 0);
             if (v < 0) break;
-            if (sb_reserve(&t->xvals, (size_t)v + 1) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
+            if (lfs_sb_reserve(&t->xvals, (size_t)v + 1) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
         }
         if (v < 0) {
             if (errno == ENODATA) continue;       /* removed meanwhile */
@@ -655,16 +551,16 @@ static int find_segments(tw *t, int fd, int64_t size, const char *path)
 }
 
 /* The sparse map block(s) that open a GNU.sparse 1.0 entry's data. */
-static int sparse_map(tw *t, strbuf *m)
+static int sparse_map(tw *t, lfs_strbuf *m)
 {
     char num[48];
     int w = snprintf(num, sizeof num, "%zu\n", t->nsegs);
     m->len = 0;
-    if (sb_append(m, num, (size_t)w) < 0) return -ENOMEM;
+    if (lfs_sb_append(m, num, (size_t)w) < 0) return -ENOMEM;
     for (size_t i = 0; i < t->nsegs; i++) {
         w = snprintf(num, sizeof num, "%lld\n%lld\n", (long long)t->segs[i].off,
                      (long long)t->segs[i].len);
-        if (sb_append(m, num, (size_t)w) < 0) return -ENOMEM;
+        if (lfs_sb_append(m, num, (size_t)w) < 0) return -ENOMEM;
     }
     return 0;
 }
@@ -680,7 +576,7 @@ static int write_regular(tw *t, ent *e, int fd, const struct stat *st, const cha
     if (t->o.sparse && size > 0) {
         if ((rc = find_segments(t, fd, size, path)) < 0) return rc;
         if (t->nsegs) {
-            strbuf m = {0};
+            lfs_strbuf m = {0};
             if (sparse_map(t, &m) < 0) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
             int64_t stored = (int64_t)((m.len + LFS_BLOCK - 1) / LFS_BLOCK * LFS_BLOCK);
             for (size_t i = 0; i < t->nsegs; i++) stored += t->segs[i].len;
@@ -690,7 +586,7 @@ static int write_regular(tw *t, ent *e, int fd, const struct stat *st, const cha
             rc = write_header(t, e);
             if (rc == 0) rc = tw_emit(t, m.p, m.len);
             if (rc == 0) rc = tw_pad(t, m.len);
-            sb_free(&m);
+            lfs_sb_free(&m);
             if (rc < 0) return rc == -ENOMEM ? tw_fail(t, ENOMEM, path, "%s", "out of memory") : rc;
             int64_t data = 0;
             for (size_t i = 0; i < t->nsegs; i++) {
@@ -725,27 +621,27 @@ static int write_whiteout(tw *t, const char *name, size_t namelen, int64_t mtime
 }
 
 /* dir/.wh.base for the entry path (len bytes). */
-static int whiteout_name(strbuf *out, const char *path, size_t len)
+static int whiteout_name(lfs_strbuf *out, const char *path, size_t len)
 {
     size_t base = len;
     while (base > 0 && path[base - 1] != '/') base--;
     out->len = 0;
-    if (sb_append(out, path, base) < 0 || sb_append(out, WH_PREFIX, 4) < 0 ||
-        sb_append(out, path + base, len - base) < 0)
+    if (lfs_sb_append(out, path, base) < 0 || lfs_sb_append(out, WH_PREFIX, 4) < 0 ||
+        lfs_sb_append(out, path + base, len - base) < 0)
         return -ENOMEM;
     return 0;
 }
 
 static int write_opaque(tw *t, const char *dir, size_t len, int64_t mtime, int32_t nsec)
 {
-    strbuf n = {0};
+    lfs_strbuf n = {0};
     while (len > 0 && dir[len - 1] == '/') len--;
-    if (sb_append(&n, dir, len) < 0 || sb_append(&n, "/" WH_OPAQUE, 1 + strlen(WH_OPAQUE)) < 0) {
-        sb_free(&n);
+    if (lfs_sb_append(&n, dir, len) < 0 || lfs_sb_append(&n, "/" WH_OPAQUE, 1 + strlen(WH_OPAQUE)) < 0) {
+        lfs_sb_free(&n);
         return tw_fail(t, ENOMEM, dir, "%s", "out of memory");
     }
     int rc = write_whiteout(t, n.p, n.len, mtime, nsec);
-    sb_free(&n);
+    lfs_sb_free(&n);
     return rc;
 }
 
@@ -767,7 +663,7 @@ static int dir_is_opaque(tw *t, int fd, const char *path)
  * slash).  For a directory, *subfd receives its open fd when subfd != NULL and
  * *isdir is set.  *opaque is set when an opaque marker followed the directory.
  */
-static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flags,
+static int write_node(tw *t, int dirfd, const char *base, lfs_strbuf *path, int flags,
                       int *subfd, int *isdir, int *opaque, const struct stat *pre)
 {
     struct stat st;
@@ -794,7 +690,7 @@ static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flag
         if ((rc = read_xattrs(t, fd, -1, NULL, path->p)) < 0) goto dir_out;
         ent_from_stat(t, &e, &st);
         e.type = LFS_T_DIR;
-        if (sb_append(path, "/", 1) < 0) { rc = tw_fail(t, ENOMEM, path->p, "%s", "out of memory"); goto dir_out; }
+        if (lfs_sb_append(path, "/", 1) < 0) { rc = tw_fail(t, ENOMEM, path->p, "%s", "out of memory"); goto dir_out; }
         e.name = path->p;
         e.namelen = path->len;
         e.xattrs = t->nxe > 0;
@@ -838,7 +734,7 @@ static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flag
         e.name = path->p;
         e.namelen = path->len;
         e.xattrs = t->nxe > 0;
-        const char *first = fst.st_nlink > 1 ? hl_find(&t->links, fst.st_dev, fst.st_ino) : NULL;
+        const char *first = fst.st_nlink > 1 ? lfs_hl_find(&t->links, fst.st_dev, fst.st_ino) : NULL;
         if (first) {
             e.type = LFS_T_LINK;
             e.link = first;
@@ -847,7 +743,7 @@ static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flag
             if (rc == -ENOMEM) rc = tw_fail(t, ENOMEM, path->p, "%s", "out of memory");
             goto reg_out;
         }
-        if (fst.st_nlink > 1 && hl_add(&t->links, fst.st_dev, fst.st_ino, path->p) < 0) {
+        if (fst.st_nlink > 1 && lfs_hl_add(&t->links, fst.st_dev, fst.st_ino, path->p) < 0) {
             rc = tw_fail(t, ENOMEM, path->p, "%s", "out of memory");
             goto reg_out;
         }
@@ -875,13 +771,13 @@ static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flag
     case S_IFBLK:
     case S_IFIFO:
         if (S_ISCHR(st.st_mode) && t->o.source == LFS_SRC_OVERLAY && st.st_rdev == makedev(0, 0)) {
-            strbuf wn = {0};
+            lfs_strbuf wn = {0};
             if (whiteout_name(&wn, path->p, path->len) < 0) {
-                sb_free(&wn);
+                lfs_sb_free(&wn);
                 return tw_fail(t, ENOMEM, path->p, "%s", "out of memory");
             }
             rc = write_whiteout(t, wn.p, wn.len, st.st_mtim.tv_sec, (int32_t)st.st_mtim.tv_nsec);
-            sb_free(&wn);
+            lfs_sb_free(&wn);
             return rc;
         }
         if ((rc = read_xattrs(t, -1, dirfd, base, path->p)) < 0) return rc;
@@ -904,13 +800,13 @@ static int write_node(tw *t, int dirfd, const char *base, strbuf *path, int flag
     }
     /* Hardlinked symlinks, devices and fifos too (as Docker does). */
     if (st.st_nlink > 1) {
-        const char *first = hl_find(&t->links, st.st_dev, st.st_ino);
+        const char *first = lfs_hl_find(&t->links, st.st_dev, st.st_ino);
         if (first) {
             e.type = LFS_T_LINK;
             e.link = first;
             e.linklen = strlen(first);
             e.major = e.minor = 0;
-        } else if (hl_add(&t->links, st.st_dev, st.st_ino, path->p) < 0) {
+        } else if (lfs_hl_add(&t->links, st.st_dev, st.st_ino, path->p) < 0) {
             return tw_fail(t, ENOMEM, path->p, "%s", "out of memory");
         }
     }
@@ -939,14 +835,14 @@ static int name_cmp(const void *a, const void *b)
 /* Read and sort the names of directory fd into f. */
 static int read_names(tw *t, int fd, frame *f, const char *path)
 {
-    strbuf ar = {0};
+    lfs_strbuf ar = {0};
     size_t count = 0;
     if (lseek(fd, 0, SEEK_SET) < 0)
         return tw_fail(t, errno, path, "reading the directory: %s", strerror(errno));
     for (;;) {
         ssize_t n = getdents64(fd, t->dents, DENTS_BUF);
         if (n < 0) {
-            sb_free(&ar);
+            lfs_sb_free(&ar);
             return tw_fail(t, errno, path, "reading the directory: %s", strerror(errno));
         }
         if (n == 0) break;
@@ -955,8 +851,8 @@ static int read_names(tw *t, int fd, frame *f, const char *path)
             off += d->d_reclen;
             const char *nm = d->d_name;
             if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0))) continue;
-            if (sb_append(&ar, nm, strlen(nm) + 1) < 0) {
-                sb_free(&ar);
+            if (lfs_sb_append(&ar, nm, strlen(nm) + 1) < 0) {
+                lfs_sb_free(&ar);
                 return tw_fail(t, ENOMEM, path, "%s", "out of memory");
             }
             count++;
@@ -964,7 +860,7 @@ static int read_names(tw *t, int fd, frame *f, const char *path)
     }
     char **names = malloc((count ? count : 1) * sizeof *names);
     if (!names) {
-        sb_free(&ar);
+        lfs_sb_free(&ar);
         return tw_fail(t, ENOMEM, path, "%s", "out of memory");
     }
     size_t k = 0;
@@ -994,20 +890,20 @@ static int walk_tree(tw *t)
 {
     frame *fr = NULL;
     size_t nf = 0, cap = 0;
-    strbuf path = {0};
+    lfs_strbuf path = {0};
     int rc = 0;
-    if (sb_reserve(&path, 256) < 0) return tw_fail(t, ENOMEM, NULL, "%s", "out of memory");
+    if (lfs_sb_reserve(&path, 256) < 0) return tw_fail(t, ENOMEM, NULL, "%s", "out of memory");
     path.p[0] = 0;
 
     int rfd = openat(t->root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (rfd < 0) {
-        sb_free(&path);
+        lfs_sb_free(&path);
         return tw_fail(t, errno, ".", "opening the root: %s", strerror(errno));
     }
     struct stat rst;
     cap = 16;
     fr = calloc(cap, sizeof *fr);
-    if (!fr) { close(rfd); sb_free(&path); return tw_fail(t, ENOMEM, NULL, "%s", "out of memory"); }
+    if (!fr) { close(rfd); lfs_sb_free(&path); return tw_fail(t, ENOMEM, NULL, "%s", "out of memory"); }
     fr[0].fd = rfd;
     nf = 1;
     if (fstat(rfd, &rst) < 0) { rc = tw_fail(t, errno, ".", "stat: %s", strerror(errno)); goto out; }
@@ -1039,7 +935,7 @@ static int walk_tree(tw *t)
         }
         const char *name = f->names[f->i++];
         path.len = f->pathlen;
-        if (sb_append(&path, name, strlen(name)) < 0) { rc = tw_fail(t, ENOMEM, NULL, "%s", "out of memory"); goto out; }
+        if (lfs_sb_append(&path, name, strlen(name)) < 0) { rc = tw_fail(t, ENOMEM, NULL, "%s", "out of memory"); goto out; }
         int sub = -1, isdir = 0;
         rc = write_node(t, f->fd, name, &path, NODE_OPAQUE, &sub, &isdir, NULL, NULL);
         if (rc < 0) goto out;
@@ -1060,7 +956,7 @@ static int walk_tree(tw *t)
         c->dev = sst.st_dev;
         c->ino = sst.st_ino;
         if ((rc = read_names(t, sub, c, path.p)) < 0) goto out;
-        if (sb_append(&path, "/", 1) < 0) { rc = tw_fail(t, ENOMEM, NULL, "%s", "out of memory"); goto out; }
+        if (lfs_sb_append(&path, "/", 1) < 0) { rc = tw_fail(t, ENOMEM, NULL, "%s", "out of memory"); goto out; }
         c->pathlen = path.len;
         if (nf > OPEN_DEPTH) {
             frame *old = &fr[nf - 1 - OPEN_DEPTH];
@@ -1070,7 +966,7 @@ static int walk_tree(tw *t)
 out:
     for (size_t i = 0; i < nf; i++) frame_free(&fr[i]);
     free(fr);
-    sb_free(&path);
+    lfs_sb_free(&path);
     return rc;
 }
 
@@ -1175,7 +1071,7 @@ static int open_beneath(int root_fd, const char *dir, size_t len)
 }
 
 typedef struct pcache {
-    strbuf dir;                   /* path of the cached parent */
+    lfs_strbuf dir;                   /* path of the cached parent */
     int fd;                       /* -1: none; root_fd is never cached */
 } pcache;
 
@@ -1194,7 +1090,7 @@ static int parent_fd(tw *t, pcache *pc, const char *path, size_t plen)
         free(d);
         return rc;
     }
-    if (sb_set(&pc->dir, path, plen) < 0) {
+    if (lfs_sb_set(&pc->dir, path, plen) < 0) {
         close(fd);
         return tw_fail(t, ENOMEM, path, "%s", "out of memory");
     }
@@ -1216,8 +1112,8 @@ static int write_change_node(tw *t, pcache *pc, const char *p, size_t len, int f
     size_t pl = parent_len(p, len);
     int dfd = parent_fd(t, pc, p, pl);
     if (dfd < 0) return dfd;
-    strbuf path = {0};
-    if (sb_set(&path, p, len) < 0) return tw_fail(t, ENOMEM, p, "%s", "out of memory");
+    lfs_strbuf path = {0};
+    if (lfs_sb_set(&path, p, len) < 0) return tw_fail(t, ENOMEM, p, "%s", "out of memory");
     const char *base = path.p + (pl ? pl + 1 : 0);
     struct stat st;
     int rc;
@@ -1228,7 +1124,7 @@ static int write_change_node(tw *t, pcache *pc, const char *p, size_t len, int f
     } else {
         rc = write_node(t, dfd, base, &path, flags, NULL, isdir, opaque, &st);
     }
-    sb_free(&path);
+    lfs_sb_free(&path);
     return rc;
 }
 
@@ -1241,9 +1137,9 @@ static int write_changes(tw *t, const lfs_change *changes, size_t nchanges)
     pcache pc = { {0}, -1 };
     size_t *chain = NULL;         /* lengths of the directories written on the current path */
     size_t depth = 0;
-    strbuf chain_path = {0};
-    strbuf wh = {0};
-    strbuf opaque_done = {0};
+    lfs_strbuf chain_path = {0};
+    lfs_strbuf wh = {0};
+    lfs_strbuf opaque_done = {0};
     int have_opaque_done = 0;
 
     for (size_t i = 0; i < nchanges; i++) {
@@ -1282,7 +1178,7 @@ static int write_changes(tw *t, const lfs_change *changes, size_t nchanges)
         }
         size_t have = depth ? chain[depth - 1] : 0;
         if (have < need) {
-            if (sb_set(&chain_path, p, need) < 0) { rc = tw_fail(t, ENOMEM, p, "%s", "out of memory"); goto out; }
+            if (lfs_sb_set(&chain_path, p, need) < 0) { rc = tw_fail(t, ENOMEM, p, "%s", "out of memory"); goto out; }
             size_t pos = have ? have + 1 : 0;
             while (pos <= need) {
                 size_t end = pos;
@@ -1299,12 +1195,12 @@ static int write_changes(tw *t, const lfs_change *changes, size_t nchanges)
             rc = write_change_node(t, &pc, p, len, NODE_OPAQUE, &isdir, &opq, 0);
             if (rc < 0) goto out;
             if (isdir) {
-                if (sb_set(&chain_path, p, len) < 0) { rc = tw_fail(t, ENOMEM, p, "%s", "out of memory"); goto out; }
+                if (lfs_sb_set(&chain_path, p, len) < 0) { rc = tw_fail(t, ENOMEM, p, "%s", "out of memory"); goto out; }
                 if (depth > LFS_PATH_MAX) { rc = tw_fail(t, ENAMETOOLONG, p, "%s", "path too deep"); goto out; }
                 chain[depth++] = len;
             }
             if (opq) {
-                if (sb_set(&opaque_done, p, len) < 0) { rc = tw_fail(t, ENOMEM, p, "%s", "out of memory"); goto out; }
+                if (lfs_sb_set(&opaque_done, p, len) < 0) { rc = tw_fail(t, ENOMEM, p, "%s", "out of memory"); goto out; }
                 have_opaque_done = 1;
             }
         } else if (kind == LFS_CHANGE_DELETE) {
@@ -1321,10 +1217,10 @@ out:
     free(items);
     free(chain);
     if (pc.fd >= 0) close(pc.fd);
-    sb_free(&pc.dir);
-    sb_free(&chain_path);
-    sb_free(&wh);
-    sb_free(&opaque_done);
+    lfs_sb_free(&pc.dir);
+    lfs_sb_free(&chain_path);
+    lfs_sb_free(&wh);
+    lfs_sb_free(&opaque_done);
     return rc;
 }
 
@@ -1372,12 +1268,12 @@ out:
     free(t.buf);
     free(t.linkbuf);
     free(t.dents);
-    hl_free(&t.links);
-    sb_free(&t.pax);
-    sb_free(&t.alias);
-    sb_free(&t.xname);
-    sb_free(&t.xlist);
-    sb_free(&t.xvals);
+    lfs_hl_free(&t.links);
+    lfs_sb_free(&t.pax);
+    lfs_sb_free(&t.alias);
+    lfs_sb_free(&t.xname);
+    lfs_sb_free(&t.xlist);
+    lfs_sb_free(&t.xvals);
     free(t.xe);
     free(t.segs);
     return rc;
