@@ -140,7 +140,9 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
     ``expected`` gives (digest, diff_id) per layer (either may be None).
     ``progress(i, name, result)`` is called after each layer.
     ``records`` gives per layer a tar-split record output (path or binary file,
-    or None); see :mod:`layerfs.archive.tarsplit`.
+    or None); see :mod:`layerfs.archive.tarsplit`.  A record reads its layer's
+    files back, so it rebuilds the layer only from a tree where later layers did
+    not replace them (as in a driver's per-layer directories).
     """
     for k in options:
         if k not in _OPTION_NAMES:
