@@ -622,35 +622,6 @@ static int replace(ctx *c, int pfd, const char *base, const char *path)
 
 /* ---- entry types ---- */
 
-static int write_all(int fd, const unsigned char *p, size_t n)
-{
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-static int pwrite_all(int fd, const unsigned char *p, size_t n, off_t off)
-{
-    while (n) {
-        ssize_t w = pwrite(fd, p, n, off);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        p += w;
-        n -= (size_t)w;
-        off += w;
-    }
-    return 0;
-}
-
 static int file_data(ctx *c, const lfs_entry *e, int fd, const char *path)
 {
     const unsigned char *p;
@@ -661,7 +632,7 @@ static int file_data(ctx *c, const lfs_entry *e, int fd, const char *path)
             n = lfs_tar_data(c->tar, &p, (size_t)left, c->err);
             if (n < 0) return ectx(c, (int)n);
             if (n == 0) break;
-            int r = write_all(fd, p, (size_t)n);
+            int r = lfs_write_full(fd, p, (size_t)n);
             if (r < 0) return efail(c, -r, path, "cannot write file data");
             left -= n;
         }
@@ -679,7 +650,7 @@ static int file_data(ctx *c, const lfs_entry *e, int fd, const char *path)
             n = lfs_tar_data(c->tar, &p, (size_t)left, c->err);
             if (n < 0) return ectx(c, (int)n);
             if (n == 0) return efail(c, EIO, path, "sparse file data ends early");
-            int r = pwrite_all(fd, p, (size_t)n, (off_t)off);
+            int r = lfs_pwrite_full(fd, p, (size_t)n, (off_t)off);
             if (r < 0) return efail(c, -r, path, "cannot write file data");
             off += n;
             left -= n;

@@ -190,5 +190,8 @@ int lfs_open_dir_in_root_ex(int root_fd, const char *path, int create, int use_o
                             uid_t uid, gid_t gid, lfs_error *err);
 /* rm -rf of dirfd/name, never following symlinks; a missing name is not an error. */
 int lfs_remove_at(int dirfd, const char *name, lfs_error *err);
+/* write(2) / pwrite(2) all n bytes, retrying on EINTR and short writes: 0 or -errno. */
+int lfs_write_full(int fd, const void *buf, size_t n);
+int lfs_pwrite_full(int fd, const void *buf, size_t n, off_t off);
 
 #endif

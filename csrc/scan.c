@@ -25,18 +25,10 @@ typedef struct outbuf {
 
 static int write_all(int fd, const unsigned char *p, size_t n, lfs_error *err)
 {
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            int e = errno;
-            if (e == EPIPE)
-                return lfs_fail(err, EPIPE, -1, NULL, NULL, "the reader of the scan records went away");
-            return lfs_fail(err, e, -1, NULL, NULL, "writing scan records failed");
-        }
-        p += w;
-        n -= (size_t)w;
-    }
+    int r = lfs_write_full(fd, p, n);
+    if (r == -EPIPE)
+        return lfs_fail(err, EPIPE, -1, NULL, NULL, "the reader of the scan records went away");
+    if (r < 0) return lfs_fail(err, -r, -1, NULL, NULL, "writing scan records failed");
     return 0;
 }
 

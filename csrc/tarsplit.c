@@ -130,21 +130,6 @@ static size_t put_uv(unsigned char *p, uint64_t v)
     return n;
 }
 
-static int write_full(int fd, const void *buf, size_t n)
-{
-    const unsigned char *p = buf;
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 static int pread_full(int fd, void *buf, size_t n, uint64_t off)
 {
     unsigned char *p = buf;
@@ -276,7 +261,7 @@ static int body_flush(lfs_rec *r, int end)
         size_t rem = ZSTD_compressStream2(r->z, &out, &in, end ? ZSTD_e_end : ZSTD_e_continue);
         if (ZSTD_isError(rem)) return -EIO;
         if (out.pos) {
-            int w = write_full(r->fd, r->zout, out.pos);
+            int w = lfs_write_full(r->fd, r->zout, out.pos);
             if (w < 0) return w;
             r->written += out.pos;
             r->body_len += out.pos;
@@ -541,7 +526,7 @@ static int blob_feed(lfs_rec *r, const unsigned char *p, size_t n, int end, uint
         size_t rem = ZSTD_compressStream2(r->zb, &out, &in, end ? ZSTD_e_end : ZSTD_e_continue);
         if (ZSTD_isError(rem)) return -EIO;
         if (out.pos) {
-            int w = write_full(r->spool, r->zout, out.pos);
+            int w = lfs_write_full(r->spool, r->zout, out.pos);
             if (w < 0) return w;
             r->spool_len += out.pos;
             *clen += out.pos;
@@ -755,7 +740,7 @@ int lfs_rec_open(lfs_rec **out, int fd, int root_fd, lfs_error *err)
     memcpy(hdr, REC_MAGIC, 8);
     put_le32(hdr + 8, REC_VERSION);
     put_le32(hdr + 12, 0);
-    int w = write_full(fd, hdr, sizeof hdr);
+    int w = lfs_write_full(fd, hdr, sizeof hdr);
     if (w < 0) {
         lfs_rec_free(r);
         return lfs_fail(err, -w, -1, NULL, NULL, "cannot write the tar-split record");
@@ -794,7 +779,7 @@ int lfs_rec_finish(lfs_rec *r, const lfs_digests *d, uint64_t *size, lfs_error *
             if ((w = pread_full(r->spool, r->io, k, off)) < 0)
                 return lfs_fail(err, w == -ENODATA ? EIO : -w, -1, NULL, NULL,
                                 "cannot read the spool of captured content");
-            if ((w = write_full(r->fd, r->io, k)) < 0)
+            if ((w = lfs_write_full(r->fd, r->io, k)) < 0)
                 return lfs_fail(err, -w, -1, NULL, NULL, "cannot write the tar-split record");
             off += k;
         }
@@ -810,7 +795,7 @@ int lfs_rec_finish(lfs_rec *r, const lfs_digests *d, uint64_t *size, lfs_error *
         put_le64(e + 16, r->b[i].len);
         put_le64(e + 24, r->b[i].size);
         icrc = crc32c_(icrc, e, sizeof e);
-        if ((w = write_full(r->fd, e, sizeof e)) < 0)
+        if ((w = lfs_write_full(r->fd, e, sizeof e)) < 0)
             return lfs_fail(err, -w, -1, NULL, NULL, "cannot write the tar-split record");
         r->written += sizeof e;
     }
@@ -830,7 +815,7 @@ int lfs_rec_finish(lfs_rec *r, const lfs_digests *d, uint64_t *size, lfs_error *
     put_le32(t + 104, icrc);
     put_le32(t + 108, r->body_crc);
     put_le32(t + 124, crc32c_(0, t, 124));
-    if ((w = write_full(r->fd, t, sizeof t)) < 0)
+    if ((w = lfs_write_full(r->fd, t, sizeof t)) < 0)
         return lfs_fail(err, -w, -1, NULL, NULL, "cannot write the tar-split record");
     r->written += sizeof t;
     if (size) *size = r->written;
@@ -1101,7 +1086,7 @@ static int body_uv(rd *r, uint64_t *v)
 static int out_process(rd *r, const unsigned char *p, size_t n, int failed)
 {
     lfs_sha256_update(&r->h, p, n);
-    return r->out_fd >= 0 && !failed ? write_full(r->out_fd, p, n) : 0;
+    return r->out_fd >= 0 && !failed ? lfs_write_full(r->out_fd, p, n) : 0;
 }
 
 static void *out_worker(void *arg)
