@@ -150,3 +150,33 @@ def open_output(output) -> Iterator[Tuple[int, str]]:
         t.join()
     if failure:
         raise failure[0]
+
+
+class ThreadPipeReader(io.RawIOBase):
+    """The read end of a pipe fed by a writer thread.  The thread appends its
+    error to failure; it is raised when the reader meets the end of the pipe.
+    Closing the reader closes the fd and waits for the thread."""
+
+    def __init__(self, fd: int, thread: threading.Thread, failure: list):
+        super().__init__()
+        self._fd, self._thread, self._failure = fd, thread, failure
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, b) -> int:
+        n = os.readv(self._fd, [b])
+        if n == 0:
+            self._thread.join()
+            if self._failure:
+                raise self._failure[0]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+            self._thread.join()
+        super().close()

@@ -55,7 +55,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import fcntl
-import io
 import json
 import os
 import re
@@ -66,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .. import _native
+from .._io import ThreadPipeReader
 from ..archive import ApplyResult, apply_layer
 from ..errors import AlreadyExists, LayerError, NotFound, NotSupported, PreconditionFailed
 
@@ -600,7 +600,7 @@ def tar_stream_of(root: str, *, on_done=None, **create_options) -> BinaryIO:
 
     t = threading.Thread(target=write, name="layerfs-diff", daemon=True)
     t.start()
-    return _ThreadReader(rfd, t, failure)
+    return ThreadPipeReader(rfd, t, failure)
 
 
 class _FdWriter:
@@ -617,34 +617,6 @@ class _FdWriter:
 
     def write(self, b) -> int:
         return os.write(self._fd, b)
-
-
-class _ThreadReader(io.RawIOBase):
-    """The read end of a pipe fed by a writer thread; errors surface on read/close."""
-
-    def __init__(self, fd: int, thread, failure):
-        super().__init__()
-        self._fd, self._thread, self._failure = fd, thread, failure
-
-    def readable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def readinto(self, b) -> int:
-        n = os.readv(self._fd, [b])
-        if n == 0:
-            self._thread.join()
-            if self._failure:
-                raise self._failure[0]
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-            self._thread.join()
-        super().close()
 
 
 __all__ = ["Driver", "DirectoryDriver", "LayerInfo", "Mount", "Change", "Support",

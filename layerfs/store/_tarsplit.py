@@ -12,6 +12,8 @@ import os
 import threading
 from typing import BinaryIO, List
 
+from .._io import ThreadPipeReader
+
 _checked: List[bool] = []
 
 
@@ -44,34 +46,6 @@ def check(record: str, root: str) -> None:
     reassemble(record, root, None)
 
 
-class _PipeReader(io.RawIOBase):
-    """The read end of a pipe fed by a thread; the thread's error is raised at EOF."""
-
-    def __init__(self, fd: int, thread: threading.Thread, failure: list):
-        super().__init__()
-        self._fd, self._thread, self._failure = fd, thread, failure
-
-    def readable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def readinto(self, b) -> int:
-        n = os.readv(self._fd, [b])
-        if n == 0:
-            self._thread.join()
-            if self._failure:
-                raise self._failure[0]
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-            self._thread.join()
-        super().close()
-
-
 def open_reassembled(record: str, root: str) -> BinaryIO:
     """A readable stream of the regenerated layer tar (made by a thread)."""
     rfd, wfd = os.pipe()
@@ -88,7 +62,7 @@ def open_reassembled(record: str, root: str) -> BinaryIO:
 
     t = threading.Thread(target=run, name="layerfs-reassemble", daemon=True)
     t.start()
-    return io.BufferedReader(_PipeReader(rfd, t, failure), 1 << 20)  # type: ignore[arg-type]
+    return io.BufferedReader(ThreadPipeReader(rfd, t, failure), 1 << 20)  # type: ignore[arg-type]
 
 
 def reassemble_file(record: str, root: str, dest: str) -> None:
