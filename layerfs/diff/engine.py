@@ -33,7 +33,7 @@ from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tup
 
 from .sources import (COARSE, IMPLICIT, OPAQUE, EntryMeta, LayerInfo, Source, SourceArg,
                       open_source, parent_of, sort_key)
-from .trees import OVERLAY_PRIVATE_XATTRS
+from .trees import OVERLAY_PRIVATE_XATTRS, fds_equal
 
 KINDS = ("added", "deleted", "modified", "renamed")
 CODES = {"added": "A", "deleted": "D", "modified": "M", "renamed": "R"}
@@ -235,35 +235,11 @@ def files_equal(pa: bytes, pb: bytes, size: int) -> bool:
         except OSError:
             return False
         try:
-            left = size
-            while True:
-                n = min(left, _CHUNK) if left > 0 else _CHUNK
-                ca = os.read(fa, n)
-                cb = os.read(fb, n)
-                while len(cb) < len(ca):            # short reads: align the sides
-                    more = os.read(fb, len(ca) - len(cb))
-                    if not more:
-                        break
-                    cb += more
-                while len(ca) < len(cb):
-                    more = os.read(fa, len(cb) - len(ca))
-                    if not more:
-                        break
-                    ca += more
-                if ca != cb:
-                    return False
-                if not ca:
-                    return True
-                left -= len(ca)
-                if left <= 0:
-                    return True                    # the size lstat gave: read in full
+            return fds_equal(fa, fb, size)
         finally:
             os.close(fb)
     finally:
         os.close(fa)
-
-
-_CHUNK = 1 << 20
 
 
 class _ContentResults:

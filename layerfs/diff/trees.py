@@ -124,28 +124,41 @@ def same_content(a: PathArg, b: PathArg) -> bool:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 except OSError:
                     pass
-            while True:
-                ca = os.read(fa, _CHUNK)
-                cb = os.read(fb, _CHUNK)
-                # read() may return short counts: align the two sides
-                while len(cb) < len(ca):
-                    more = os.read(fb, len(ca) - len(cb))
-                    if not more:
-                        break
-                    cb += more
-                while len(ca) < len(cb):
-                    more = os.read(fa, len(cb) - len(ca))
-                    if not more:
-                        break
-                    ca += more
-                if ca != cb:
-                    return False
-                if not ca:
-                    return True
+            return fds_equal(fa, fb)
         finally:
             os.close(fb)
     finally:
         os.close(fa)
+
+
+def fds_equal(fa: int, fb: int, size: Optional[int] = None) -> bool:
+    """Whether two fds read the same bytes from where they stand (chunked, stops
+    at the first difference).  With size, true once size bytes (at least one
+    chunk) matched, as for a file whose lstat gave that size."""
+    left = size
+    while True:
+        n = min(left, _CHUNK) if left is not None and left > 0 else _CHUNK
+        ca = os.read(fa, n)
+        cb = os.read(fb, n)
+        # read() may return short counts: align the two sides
+        while len(cb) < len(ca):
+            more = os.read(fb, len(ca) - len(cb))
+            if not more:
+                break
+            cb += more
+        while len(ca) < len(cb):
+            more = os.read(fa, len(cb) - len(ca))
+            if not more:
+                break
+            ca += more
+        if ca != cb:
+            return False
+        if not ca:
+            return True
+        if left is not None:
+            left -= len(ca)
+            if left <= 0:
+                return True
 
 
 def _content_digest(path: bytes) -> Optional[str]:
