@@ -11,12 +11,27 @@ import io
 import os
 import threading
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, BinaryIO]
 
 _CHUNK = 1 << 20
+
+
+def lexical_parts(name: str) -> List[str]:
+    """The components of a "/"-separated path resolved lexically: empty and "."
+    components dropped, ".." removes the one before it (never above the top)."""
+    parts: List[str] = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(p)
+    return parts
 
 
 def source_name(source) -> str:

@@ -45,7 +45,7 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Opt
                     Tuple, Union)
 
 from .. import _native
-from .._io import open_source as _open_stream
+from .._io import lexical_parts, open_source as _open_stream
 from ..errors import LayerError, NotFound, NotSupported
 from .trees import OVERLAY_PRIVATE_XATTRS, read_xattrs, type_name
 
@@ -188,16 +188,7 @@ def norm_path(name: str) -> str:
     if p and "//" not in p and "/./" not in p and "/../" not in p and p != "." and \
             p != ".." and not p.startswith(("./", "../")) and not p.endswith(("/.", "/..")):
         return "/" + p
-    parts = []
-    for p in name.split("/"):
-        if p in ("", "."):
-            continue
-        if p == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(p)
-    return "/" + "/".join(parts)
+    return "/" + "/".join(lexical_parts(name))
 
 
 def parent_of(path: str) -> str:

@@ -21,6 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import BinaryIO, Dict, Iterator, Optional, Tuple
 
+from .._io import lexical_parts
 from ..errors import DigestMismatch, LayerError, NotFound
 from .manifest import FormatError, Where, detect_compression
 
@@ -37,17 +38,7 @@ def fsync_dir(path: str) -> None:
 
 def clean_member_name(name: str) -> str:
     """A path inside an image archive or directory, normalised: no "./", no leading "/"."""
-    name = name.replace("\\", "/")
-    parts = []
-    for p in name.split("/"):
-        if p in ("", "."):
-            continue
-        if p == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(p)
-    return "/".join(parts)
+    return "/".join(lexical_parts(name.replace("\\", "/")))
 
 
 def _safe_relpath(path: str, where: Where, field: Optional[str]) -> str:
