@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
 from .errors import LayerError
@@ -313,15 +313,12 @@ def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
     return pos
 
 
-def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
-         name: Optional[str] = None) -> Tuple[List[ScanEntry], Digests]:
-    """List the layer stream on in_fd without extracting it (lfs_scan).
-
-    Returns the entries in archive order and the digests of the stream.  The C
-    call runs in this thread (without the GIL) and writes records into a pipe
-    that a helper thread drains and parses.
-    """
-    entries: List[ScanEntry] = []
+def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearray, list], int],
+                           entries: list, what: str) -> Tuple[int, List[BaseException]]:
+    """Run call(write fd) -- a C call that writes records into a pipe -- in this
+    thread while a helper thread drains the pipe, parse(pending, entries) taking
+    the whole records (it returns the bytes it used).  Returns the call's result
+    and the parse errors (the pipe is still drained after one)."""
     failure: List[BaseException] = []
     r, w = os.pipe()
 
@@ -336,24 +333,39 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
                     continue            # keep draining so the writer never blocks
                 pending += chunk
                 try:
-                    used = _parse_scan_records(pending, entries)
+                    used = parse(pending, entries)
                     del pending[:used]
                 except Exception as exc:  # noqa: BLE001 - re-raised in the caller
                     failure.append(exc)
             if pending and not failure:
-                failure.append(ValueError("scan records end inside a record"))
+                failure.append(ValueError(f"{what} records end inside a record"))
         finally:
             os.close(r)
 
-    thread = threading.Thread(target=reader, name="layerfs-scan", daemon=True)
+    thread = threading.Thread(target=reader, name=f"layerfs-{what}", daemon=True)
     thread.start()
-    out = ffi.new("lfs_digests *")
-    err = _new_error()
     try:
-        rc = lib.lfs_scan(in_fd, w, compression, SCAN_HASH if hash else 0, out, err)
+        rc = call(w)
     finally:
         os.close(w)
         thread.join()
+    return rc, failure
+
+
+def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
+         name: Optional[str] = None) -> Tuple[List[ScanEntry], Digests]:
+    """List the layer stream on in_fd without extracting it (lfs_scan).
+
+    Returns the entries in archive order and the digests of the stream.  The C
+    call runs in this thread (without the GIL) and writes records into a pipe
+    that a helper thread drains and parses.
+    """
+    entries: List[ScanEntry] = []
+    out = ffi.new("lfs_digests *")
+    err = _new_error()
+    rc, failure = _call_with_record_pipe(
+        lambda w: lib.lfs_scan(in_fd, w, compression, SCAN_HASH if hash else 0, out, err),
+        _parse_scan_records, entries, "scan")
     if rc < 0:
         _raise(rc, err, name)
     if failure:
@@ -458,37 +470,9 @@ def walk(root: str) -> List[WalkEntry]:
     """Every entry of the tree at root, sorted preorder (lfs_walk; one C call
     without the GIL, records drained from a pipe by a helper thread)."""
     entries: List[WalkEntry] = []
-    failure: List[BaseException] = []
-    r, w = os.pipe()
-
-    def reader() -> None:
-        pending = bytearray()
-        try:
-            while True:
-                chunk = os.read(r, 1 << 20)
-                if not chunk:
-                    break
-                if failure:
-                    continue
-                pending += chunk
-                try:
-                    used = _parse_walk_records(pending, entries)
-                    del pending[:used]
-                except Exception as exc:  # noqa: BLE001 - re-raised in the caller
-                    failure.append(exc)
-            if pending and not failure:
-                failure.append(ValueError("walk records end inside a record"))
-        finally:
-            os.close(r)
-
-    thread = threading.Thread(target=reader, name="layerfs-walk", daemon=True)
-    thread.start()
     err = _new_error()
-    try:
-        rc = lib.lfs_walk(os.fsencode(root), w, 0, err)
-    finally:
-        os.close(w)
-        thread.join()
+    rc, failure = _call_with_record_pipe(lambda w: lib.lfs_walk(os.fsencode(root), w, 0, err),
+                                         _parse_walk_records, entries, "walk")
     if rc < 0:
         _raise(rc, err, os.fsdecode(root))
     if failure:
