@@ -500,6 +500,21 @@ static int write_data(tw *t, int fd, int64_t off, int64_t len, const char *path)
     return 0;
 }
 
+static int add_segment(tw *t, int64_t off, int64_t len, const char *path)
+{
+    if (t->nsegs == t->segcap) {
+        size_t nc = t->segcap ? t->segcap * 2 : 16;
+        seg *ns = realloc(t->segs, nc * sizeof *ns);
+        if (!ns) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
+        t->segs = ns;
+        t->segcap = nc;
+    }
+    t->segs[t->nsegs].off = off;
+    t->segs[t->nsegs].len = len;
+    t->nsegs++;
+    return 0;
+}
+
 /* Data segments of a file with holes; 0 with t->nsegs = 0 when it has none. */
 static int find_segments(tw *t, int fd, int64_t size, const char *path)
 {
@@ -518,16 +533,8 @@ static int find_segments(tw *t, int fd, int64_t size, const char *path)
         off_t h = lseek(fd, d, SEEK_HOLE);
         if (h < 0) return tw_fail(t, errno, path, "finding holes: %s", strerror(errno));
         if (h > size) h = size;
-        if (t->nsegs == t->segcap) {
-            size_t nc = t->segcap ? t->segcap * 2 : 16;
-            seg *ns = realloc(t->segs, nc * sizeof *ns);
-            if (!ns) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
-            t->segs = ns;
-            t->segcap = nc;
-        }
-        t->segs[t->nsegs].off = d;
-        t->segs[t->nsegs].len = h - d;
-        t->nsegs++;
+        int r = add_segment(t, d, h - d, path);
+        if (r < 0) return r;
         pos = h;
     }
     if (t->nsegs == 1 && t->segs[0].off == 0 && t->segs[0].len == size) {
@@ -536,16 +543,8 @@ static int find_segments(tw *t, int fd, int64_t size, const char *path)
     }
     /* A trailing hole: a zero-length segment at the end fixes the size for readers. */
     if (t->nsegs == 0 || t->segs[t->nsegs - 1].off + t->segs[t->nsegs - 1].len < size) {
-        if (t->nsegs == t->segcap) {
-            size_t nc = t->segcap ? t->segcap * 2 : 16;
-            seg *ns = realloc(t->segs, nc * sizeof *ns);
-            if (!ns) return tw_fail(t, ENOMEM, path, "%s", "out of memory");
-            t->segs = ns;
-            t->segcap = nc;
-        }
-        t->segs[t->nsegs].off = size;
-        t->segs[t->nsegs].len = 0;
-        t->nsegs++;
+        int r = add_segment(t, size, 0, path);
+        if (r < 0) return r;
     }
     return 0;
 }
