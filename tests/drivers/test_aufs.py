@@ -445,7 +445,9 @@ class TestAufsUnion:
                 time.sleep(0.01)
             with pytest.raises(OSError) as ei:
                 os.listdir(m)
-            assert ei.value.errno == errno.ENOTCONN
+            # a dead FUSE server: ENOTCONN, or ECONNABORTED when the kernel
+            # aborted the connection with a request in flight
+            assert ei.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
             assert d.metadata("ctr")["mount_count"] == 1
             # the stale count: the next mount notices the dead server and mounts anew
             assert d.mount("ctr") == m
