@@ -12,6 +12,8 @@
  *   scan.c     lfs_scan: entry records of a layer without extracting
  *   tarsplit.c tar-split records written while applying (lfs_rec, used by
  *              extract.c) and the stream rebuilt from them (lfs_reassemble)
+ *   treescan.c lfs_walk (sorted directory entries) and lfs_files_equal (diff engine)
+ *   union.c    lfs_union_serve: the aufs driver's FUSE union filesystem
  */
 #ifndef LAYERFS_INTERNAL_H
 #define LAYERFS_INTERNAL_H
