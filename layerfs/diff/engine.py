@@ -33,7 +33,7 @@ from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tup
 
 from .sources import (COARSE, IMPLICIT, OPAQUE, EntryMeta, LayerInfo, Source, SourceArg,
                       open_source, parent_of, sort_key)
-from .trees import OVERLAY_PRIVATE_XATTRS, fds_equal
+from .trees import OVERLAY_PRIVATE_XATTRS, TreeChange, fds_equal
 
 KINDS = ("added", "deleted", "modified", "renamed")
 CODES = {"added": "A", "deleted": "D", "modified": "M", "renamed": "R"}
@@ -465,7 +465,6 @@ class Diff:
         self._sides = (a, b)
         ka = list(a.entries) if self.old.in_order else sorted(a.entries, key=sort_key)
         kb = list(b.entries) if self.new.in_order else sorted(b.entries, key=sort_key)
-        ea_map, eb_map = a.entries, b.entries
         if "content" not in opts.ignore:
             _prefetch_content(a, b, ka, opts)
         try:
@@ -475,7 +474,6 @@ class Diff:
 
     def _walk(self, a: _Side, b: _Side, ka: List[str], kb: List[str]) -> Iterator[Change]:
         opts = self.options
-        ea_map, eb_map = a.entries, b.entries
         skip_old: Optional[str] = None      # a deleted (or replaced) directory's subtree
         i = j = 0
         na, nb = len(ka), len(kb)

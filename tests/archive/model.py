@@ -330,7 +330,8 @@ def apply_stack(layers: List[List[Entry]]) -> Tree:
 
 
 def layer_tar(layer: List[Entry], long: str = "pax") -> bytes:
-    """The layer as a tar (built with tarbuild, nanosecond mtimes in PAX records)."""
+    """The layer as a tar (built with tarbuild, nanosecond mtimes and xattrs in PAX
+    records, hardlinks included)."""
     from .tarbuild import Tar
     t = Tar(long=long)
     for e in layer:
@@ -348,6 +349,8 @@ def layer_tar(layer: List[Entry], long: str = "pax") -> bytes:
             t.dir(name + b"/", mode=e.mode, **common)
         elif e.kind == "symlink":
             t.symlink(name, e.target, **common)
+        elif e.kind == "hardlink":
+            t.hardlink(name, e.target)
         else:  # whiteout / opaque marker: an empty regular file
             t.file(name, b"", mode=0o644, mtime=sec)
     return t.bytes()

@@ -38,8 +38,9 @@ from hypothesis import strategies as st
 import layerfs.drivers as drivers
 from layerfs.archive import unpack_layers
 from layerfs.errors import AlreadyExists, DigestMismatch, NotFound, PreconditionFailed
-from tests.archive.model import Entry, apply_layer, assert_same_tree, project, snapshot
-from tests.archive.tarbuild import Tar, zstd_bytes
+from tests.archive.model import (Entry, apply_layer, assert_same_tree, layer_tar, project,
+                                 snapshot)
+from tests.archive.tarbuild import zstd_bytes
 
 from .conftest import mounts_under
 
@@ -52,31 +53,6 @@ USER_X = ("user.",)
 def hardlink(path: bytes, target: bytes) -> Entry:
     """A hardlink entry to target, which must be a file entry earlier in the same layer."""
     return Entry(path, "hardlink", target=target)
-
-
-def layer_tar(layer: Sequence[Entry]) -> bytes:
-    """The layer as an uncompressed tar (PAX nanosecond mtimes, xattrs), hardlinks included."""
-    t = Tar()
-    for e in layer:
-        sec, nsec = divmod(e.mtime_ns, 10**9)
-        pax = {}
-        if nsec:
-            pax[b"mtime"] = b"%d.%09d" % (sec, nsec)
-        for k, v in e.xattrs.items():
-            pax[b"SCHILY.xattr." + k.encode()] = v
-        common = dict(uid=e.uid, gid=e.gid, mtime=sec, pax=pax or None)
-        name = e.tar_name()
-        if e.kind == "file":
-            t.file(name, e.data, mode=e.mode, **common)
-        elif e.kind == "dir":
-            t.dir(name + b"/", mode=e.mode, **common)
-        elif e.kind == "symlink":
-            t.symlink(name, e.target, mode=0o777, **common)
-        elif e.kind == "hardlink":
-            t.hardlink(name, e.target)
-        else:  # whiteout or opaque marker: an empty regular file
-            t.file(name, b"", mode=0o644, mtime=sec)
-    return t.bytes()
 
 
 def model_apply(tree, layer: Sequence[Entry]):
