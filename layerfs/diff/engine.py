@@ -474,6 +474,7 @@ class Diff:
 
     def _walk(self, a: _Side, b: _Side, ka: List[str], kb: List[str]) -> Iterator[Change]:
         opts = self.options
+        ea_map, eb_map = a.entries, b.entries
         skip_old: Optional[str] = None      # a deleted (or replaced) directory's subtree
         i = j = 0
         na, nb = len(ka), len(kb)
