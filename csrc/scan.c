@@ -103,8 +103,25 @@ static int hash_data(lfs_tar *t, lfs_sha256 *h, int64_t n, lfs_error *err)
     return 0;
 }
 
-static int hash_entry(lfs_tar *t, const lfs_entry *e, unsigned char out[32], lfs_error *err)
+/* Holes are hashed as zeros, which costs time in proportion to the size a
+ * sparse entry claims, not to the bytes it stores: a hostile layer could claim
+ * exabytes.  One scan hashes at most this many hole bytes in all. */
+#define HOLE_HASH_BUDGET ((int64_t)64 << 30)
+
+static int hash_entry(lfs_tar *t, const lfs_entry *e, unsigned char out[32],
+                      int64_t *hole_budget, lfs_error *err)
 {
+    if (e->sparse) {
+        int64_t stored = 0;
+        for (size_t i = 0; i < e->nsparse; i++) stored += e->sparse[i].length;
+        int64_t holes = e->realsize - stored;
+        if (holes > *hole_budget)
+            return lfs_fail(err, E2BIG, e->header_offset, NULL, e->path,
+                            "sparse file of %lld bytes: hashing its holes would pass the "
+                            "scan's limit of %lld hole bytes",
+                            (long long)e->realsize, (long long)HOLE_HASH_BUDGET);
+        *hole_budget -= holes;
+    }
     lfs_sha256 h = {0};
     if (lfs_sha256_init(&h) < 0) return lfs_fail(err, ENOMEM, -1, NULL, e->path, "sha256 init failed");
     int r = 0;
@@ -179,6 +196,7 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
     lfs_src *src = NULL;
     lfs_tar *t = NULL;
     outbuf o = {.fd = out_fd};
+    int64_t hole_budget = HOLE_HASH_BUDGET;
     int r = lfs_src_open(&src, in_fd, compression, 0, err);
     if (r < 0) return r;
     r = lfs_tar_open(&t, src, NULL, err);
@@ -196,7 +214,7 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
         unsigned char digest[32];
         int hashed = 0;
         if ((flags & LFS_SCAN_HASH) && e->type == LFS_T_REG) {
-            r = hash_entry(t, e, digest, err);
+            r = hash_entry(t, e, digest, &hole_budget, err);
             if (r < 0) break;
             hashed = 1;
         }

@@ -802,3 +802,16 @@ def test_sparse_1_0_map_in_data(scan_bytes, scan_error):
         e = scan_error(entry(text, b""))
         assert (e.errno, e.entry, e.offset) == (errno.EINVAL, "real", 0)
         assert "runs past the entry's data" in e.strerror
+
+
+def test_sparse_holes_claiming_exabytes_are_refused_quickly(scan_bytes, scan_error):
+    """A sparse entry is hashed as its expanded content; an entry that claims an
+    enormous real size must not keep the scanner hashing zeros for hours: past
+    the scan's hole budget it is an error naming the entry."""
+    huge = 1 << 62
+    e = scan_error(sparse_pax("0,5", huge, b"hello"))
+    assert (e.errno, e.entry) == (errno.E2BIG, "sparse")
+    assert "hole bytes" in e.strerror
+    # listing without content digests does not hash holes, so it is fine
+    (entry,), _ = scan_bytes(sparse_pax("0,5", huge, b"hello"), hash=False)
+    assert entry.size == huge
