@@ -135,6 +135,36 @@ static uint64_t hash_path(const char *s, size_t n)
 
 /* ---- the extraction state ---- */
 
+/* Which directory an fd is: device, inode and (where the filesystem records it)
+ * birth time, so that an inode number reused after a removal does not match. */
+typedef struct dir_ident {
+    uint64_t dev, ino;
+    int64_t btime_sec;
+    uint32_t btime_nsec;
+    int has_btime;
+} dir_ident;
+
+static int get_ident(int fd, dir_ident *id)
+{
+    struct statx sx;
+    if (statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_BTIME, &sx) < 0)
+        return -1;
+    id->dev = ((uint64_t)sx.stx_dev_major << 32) | sx.stx_dev_minor;
+    id->ino = sx.stx_ino;
+    id->has_btime = (sx.stx_mask & STATX_BTIME) != 0;
+    id->btime_sec = id->has_btime ? sx.stx_btime.tv_sec : 0;
+    id->btime_nsec = id->has_btime ? sx.stx_btime.tv_nsec : 0;
+    return 0;
+}
+
+static int same_ident(const dir_ident *a, const dir_ident *b)
+{
+    if (a->dev != b->dev || a->ino != b->ino) return 0;
+    if (a->has_btime && b->has_btime)
+        return a->btime_sec == b->btime_sec && a->btime_nsec == b->btime_nsec;
+    return 1;
+}
+
 typedef struct dtime {
     const char *path;
     uint32_t len, depth;
@@ -142,7 +172,8 @@ typedef struct dtime {
     struct timespec ts[2];
     uint32_t mode;
     int set_mode;
-} dtime;
+    dir_ident id;                 /* the directory the times belong to: by the end */
+} dtime;                          /* its path may lead elsewhere */
 
 typedef struct ctx {
     int root_fd;
@@ -782,8 +813,10 @@ static int do_hardlink(ctx *c, const lfs_entry *e, int pfd, const char *base, co
     return rc;
 }
 
-static int add_dtime(ctx *c, const lfs_entry *e, const char *path, size_t len)
+static int add_dtime(ctx *c, const lfs_entry *e, int fd, const char *path, size_t len)
 {
+    dir_ident id;
+    if (get_ident(fd, &id) < 0) return efail(c, errno, path, "cannot stat the directory");
     if (c->ndt == c->capdt) {
         size_t nc = c->capdt ? c->capdt * 2 : 256;
         dtime *nd = realloc(c->dt, nc * sizeof *nd);
@@ -801,6 +834,7 @@ static int add_dtime(ctx *c, const lfs_entry *e, const char *path, size_t len)
     entry_times(e, d->ts);
     d->mode = e->mode & 07777;
     d->set_mode = c->defer_dir_mode;
+    d->id = id;
     return 0;
 }
 
@@ -815,7 +849,7 @@ static int meta_dir(ctx *c, const lfs_entry *e, int fd, const char *path, size_t
     if (fchmod(fd, mode) < 0) return efail(c, errno, path, "cannot change mode to %04o", mode);
     int r = set_xattrs(c, e, fd, -1, NULL, path);
     if (r < 0) return r;
-    return add_dtime(c, e, path, len);
+    return add_dtime(c, e, fd, path, len);
 }
 
 static int set_opaque(ctx *c, int fd, const char *path)
@@ -1244,6 +1278,13 @@ static int finish_dirs(ctx *c)
                 if (errno == ENOENT || errno == ENOTDIR || errno == ELOOP) continue;
                 return efail(c, errno, d->path, "cannot open directory to set its times");
             }
+        }
+        /* A directory removed or replaced since, or a path that now leads through a
+         * symlink to another directory (d/a after d became a link to a): not ours. */
+        dir_ident now;
+        if (get_ident(fd, &now) < 0 || !same_ident(&now, &d->id)) {
+            if (fd != c->root_fd) close(fd);
+            continue;
         }
         int r = 0;
         if (d->set_mode && fchmod(fd, d->mode) < 0)

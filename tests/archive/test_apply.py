@@ -945,3 +945,26 @@ def test_create_layer_accepts_change_records(tmp_path):
     with tarfile.open(out) as tf:
         names = tf.getnames()
     assert "etc/hosts" in names and ".wh.gone" in names
+
+
+@pytest.mark.parametrize("whiteouts", ["apply", "overlay", "keep"])
+def test_directory_times_stay_with_their_directory(tmp_path, whiteouts):
+    """Directory times are set at the end; a directory recorded under d/a whose
+    parent d was later replaced by a symlink to a must not lend its times to a/a
+    (regression: found by the stacked-layers property)."""
+    t = Tar()
+    t.dir(b"d/", mode=0o755, mtime=0)
+    t.dir(b"d/a/", mode=0o755, mtime=1)
+    t.dir(b"d/a/a/", mode=0o755, mtime=0)
+    t.file(b"a", b"", mode=0o644, mtime=0)
+    t.file(b"a", b"", mode=0o644, mtime=0)
+    t.dir(b"a/", mode=0o755, mtime=0)
+    t.dir(b"a/a/", mode=0o755, mtime=0)
+    t.symlink(b"d", b"a", mtime=0)
+    src = tmp_path / "l.tar"
+    src.write_bytes(t.bytes())
+    dest = tmp_path / "root"
+    apply_layer(src, dest, whiteouts=whiteouts)
+    assert os.path.islink(dest / "d")
+    assert os.lstat(dest / "a" / "a").st_mtime_ns == 0
+    assert os.lstat(dest / "a").st_mtime_ns == 0
