@@ -1514,7 +1514,10 @@ static int set_owner_mode(ufs *u, const char *path, uid_t uid, gid_t gid, mode_t
 
 /* ------------------------------------------------------------ write side */
 
-static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
+/* A new non-directory, non-regular entry in the top layer: a device node, FIFO
+ * or socket (link == NULL), or a symlink to link. */
+static void make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                      dev_t rdev, const char *link)
 {
     ufs *u = fuse_req_userdata(req);
     if (!u->writable) {
@@ -1529,10 +1532,14 @@ static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     wlock(u);
     unode *d = N(u, parent);
     int rc = prepare_new(u, d, name, dpath, path, &dst, &had_wh);
-    if (rc == 0 && mknodat(topfd(u), path, (mode & S_IFMT) | 0600, rdev) < 0) rc = -errno;
+    if (rc == 0) {
+        if (link) rc = symlinkat(link, topfd(u), path) < 0 ? -errno : 0;
+        else rc = mknodat(topfd(u), path, (mode & S_IFMT) | 0600, rdev) < 0 ? -errno : 0;
+    }
     if (rc == 0) {
         new_owner(req, &dst, &uid, &gid);
-        rc = set_owner_mode(u, path, uid, gid, mode, 0);
+        rc = link ? set_owner_mode(u, path, uid, gid, 0, 1)
+                  : set_owner_mode(u, path, uid, gid, mode, 0);
         if (rc < 0) unlinkat(topfd(u), path, 0);
     }
     if (rc < 0) {
@@ -1541,6 +1548,11 @@ static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
         return;
     }
     finish_new(req, u, d, name, dpath, path, had_wh, NULL);
+}
+
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
+{
+    make_node(req, parent, name, mode, rdev, NULL);
 }
 
 static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
@@ -1594,31 +1606,7 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 
 static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
 {
-    ufs *u = fuse_req_userdata(req);
-    if (!u->writable) {
-        fuse_reply_err(req, EROFS);
-        return;
-    }
-    char dpath[PBUF], path[PBUF];
-    struct stat dst;
-    int had_wh = 0;
-    uid_t uid;
-    gid_t gid;
-    wlock(u);
-    unode *d = N(u, parent);
-    int rc = prepare_new(u, d, name, dpath, path, &dst, &had_wh);
-    if (rc == 0 && symlinkat(link, topfd(u), path) < 0) rc = -errno;
-    if (rc == 0) {
-        new_owner(req, &dst, &uid, &gid);
-        rc = set_owner_mode(u, path, uid, gid, 0, 1);
-        if (rc < 0) unlinkat(topfd(u), path, 0);
-    }
-    if (rc < 0) {
-        wunlock(u);
-        fuse_reply_err(req, -rc);
-        return;
-    }
-    finish_new(req, u, d, name, dpath, path, had_wh, NULL);
+    make_node(req, parent, name, S_IFLNK | 0777, 0, link);
 }
 
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
