@@ -279,6 +279,22 @@ class ScanEntry:
 _SCAN_FIXED = struct.Struct("<IBBHIIIqqiIIq32sIIII")
 
 
+def _record_names(buf, p: int, plen: int, llen: int, nx: int):
+    """Decode the variable part shared by scan and walk records: path, link
+    target and xattrs starting at byte p; returns them and the next offset."""
+    path = buf[p:p + plen].decode("utf-8", "surrogateescape")
+    p += plen
+    link = buf[p:p + llen].decode("utf-8", "surrogateescape") if llen else ""
+    p += llen
+    xattrs = {}
+    for _ in range(nx):
+        nl, vl = struct.unpack_from("<II", buf, p)
+        p += 8
+        xattrs[buf[p:p + nl].decode("utf-8", "surrogateescape")] = bytes(buf[p + nl:p + nl + vl])
+        p += nl + vl
+    return path, link, xattrs, p
+
+
 def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
     """Parse the complete records at the start of buf into out; returns the bytes used."""
     pos, n = 0, len(buf)
@@ -291,16 +307,7 @@ def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
         (_, typ, has_digest, _, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, dig,
          plen, llen, nx, ns) = unpack_fixed(buf, pos)
         p = pos + fixed
-        path = buf[p:p + plen].decode("utf-8", "surrogateescape")
-        p += plen
-        link = buf[p:p + llen].decode("utf-8", "surrogateescape") if llen else ""
-        p += llen
-        xattrs = {}
-        for _ in range(nx):
-            nl, vl = unpack_from("<II", buf, p)
-            p += 8
-            xattrs[buf[p:p + nl].decode("utf-8", "surrogateescape")] = bytes(buf[p + nl:p + nl + vl])
-            p += nl + vl
+        path, link, xattrs, p = _record_names(buf, p, plen, llen, nx)
         sparse = ()
         if ns:
             sparse = tuple(struct.iter_unpack("<qq", buf[p:p + 16 * ns]))
@@ -448,16 +455,7 @@ def _parse_walk_records(buf: bytearray, out: List[WalkEntry]) -> int:
         (_, head, mode, uid, gid, nlink, size, msec, mnsec, dmaj, dmin, dev, ino,
          plen, llen, nx, _) = unpack_fixed(buf, pos)
         p = pos + fixed
-        path = buf[p:p + plen].decode("utf-8", "surrogateescape")
-        p += plen
-        link = buf[p:p + llen].decode("utf-8", "surrogateescape") if llen else ""
-        p += llen
-        xattrs = {}
-        for _ in range(nx):
-            nl, vl = unpack_from("<II", buf, p)
-            p += 8
-            xattrs[buf[p:p + nl].decode("utf-8", "surrogateescape")] = bytes(buf[p + nl:p + nl + vl])
-            p += nl + vl
+        path, link, xattrs, p = _record_names(buf, p, plen, llen, nx)
         if p != end:
             raise ValueError(f"malformed walk record at byte {pos}")
         append(entry(path, chr(head[0]), mode, uid, gid, nlink, size,
