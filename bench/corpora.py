@@ -375,7 +375,7 @@ def build(name: str, cache: Path = CACHE) -> Corpus:
         meta = {
             "name": name,
             "tree": str(tree),
-            "stats": stats.__dict__,
+            "stats": stats._asdict(),
             "layers": {ext: {"path": str(l.path), "compression": l.compression,
                              "media_type": l.media_type, "digest": l.digest, "size": l.size,
                              "diff_id": l.diff_id, "tar_size": l.tar_size}

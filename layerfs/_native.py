@@ -10,7 +10,6 @@ import errno as _errno
 import os
 import struct
 import threading
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
@@ -66,8 +65,7 @@ def _new_error():
     return err
 
 
-@dataclass(frozen=True)
-class Digests:
+class Digests(NamedTuple):
     digest: str          # "sha256:<hex>" of the blob as read or written
     diff_id: str         # "sha256:<hex>" of the uncompressed tar stream
     compressed_size: int
@@ -85,8 +83,7 @@ def _digests(d) -> Digests:
     )
 
 
-@dataclass(frozen=True)
-class ApplyResult:
+class ApplyResult(NamedTuple):
     digests: Digests
     entries: int
     whiteouts: int
@@ -165,8 +162,7 @@ def sha256_fd(fd: int, name: Optional[str] = None) -> Tuple[str, int]:
     return "sha256:" + bytes(ffi.buffer(out, 32)).hex(), int(size[0])
 
 
-@dataclass(frozen=True)
-class CreateResult:
+class CreateResult(NamedTuple):
     digests: Digests
     entries: int
 
@@ -211,8 +207,7 @@ def create(root_fd: int, out_fd: int, *, changes: Optional[Iterable[Tuple[str, s
     return CreateResult(_digests(res.digests), int(res.entries))
 
 
-@dataclass(frozen=True)
-class CopyStats:
+class CopyStats(NamedTuple):
     files: int
     dirs: int
     bytes: int
@@ -252,8 +247,7 @@ def remove_tree(dirfd: int, path: str) -> None:
 SCAN_HASH = lib.LFS_SCAN_HASH
 
 
-@dataclass(frozen=True)
-class ScanEntry:
+class ScanEntry(NamedTuple):
     """One archive entry as the C tar parser saw it (see lfs_scan in csrc/layerfs.h)."""
     path: str                      # as in the archive (not normalised); surrogateescape-decoded
     type: str                      # "0" file, "1" hardlink, "2" symlink, "3" char, "4" block, "5" dir, "6" fifo
@@ -268,7 +262,7 @@ class ScanEntry:
     header_offset: int             # offset of the entry's first header in the tar stream
     digest: Optional[str]          # "sha256:<hex>" of the (expanded) content, regular files when hashing
     linkname: str                  # hardlink/symlink target, "" otherwise
-    xattrs: Dict[str, bytes] = field(default_factory=dict)
+    xattrs: Dict[str, bytes]       # name -> value, as the archive carries them
     sparse: Tuple[Tuple[int, int], ...] = ()   # (offset, length) data segments of a sparse file
 
     @property
@@ -380,8 +374,7 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
     return entries, _digests(out[0])
 
 
-@dataclass(frozen=True)
-class RecordInfo:
+class RecordInfo(NamedTuple):
     """What a tar-split record says about itself (lfs_record_read_info)."""
     diff_id: str         # "sha256:<hex>" of the tar stream it rebuilds
     tar_size: int

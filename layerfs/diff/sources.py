@@ -388,18 +388,20 @@ def fold_layer(tree: Tree, entries: List["_native.ScanEntry"], index: int,
         if observer is not None:
             for p, m in gone:
                 observer.removed(index, p, m, None, True)
-    for path, m in items:
+    # A content copy is named by (layer, entry number): a path written twice in
+    # one layer is two copies (a hardlink made between them keeps the first).
+    for k, (path, m) in enumerate(items):
         if m.type == "hardlink":
             target = tree.get(m.linkname)
             if target is None or target.type == "dir":
                 raise LayerError(errno.ENOENT, f"hardlink to missing {m.linkname}",
                                  None, entry=path)
             if target.link is None:
-                target.link = (index, m.linkname)
+                target.link = (index, k)
             # a hardlink shares the target's inode: its metadata and content
             m = target.copy(layer=index, flags=target.flags)
         elif m.type == "file":
-            m.link = (index, path)     # this copy of the content (shared by hardlinks)
+            m.link = (index, k)        # this copy of the content (shared by hardlinks)
         if path != "/":
             for p in tree.ensure_parents(path, index):
                 if observer is not None:
@@ -418,15 +420,15 @@ def raw_layer_map(entries: List["_native.ScanEntry"], index: int) -> Dict[str, E
     """A layer's own entries: whiteouts as "whiteout" entries, opaque dirs flagged."""
     whiteouts, opaques, items = _classify(entries, index)
     tree = Tree()
-    for path, m in items:
+    for k, (path, m) in enumerate(items):
         if m.type == "hardlink":
             target = tree.get(m.linkname)
             if target is not None and target.type != "dir":
                 if target.link is None:
-                    target.link = (index, m.linkname)
+                    target.link = (index, k)
                 m = target.copy()
         elif m.type == "file":
-            m.link = (index, path)
+            m.link = (index, k)
         tree.ensure_parents(path, index)
         tree.put(path, m)
     for target in whiteouts:

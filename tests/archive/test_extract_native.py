@@ -221,6 +221,88 @@ def test_setuid_setgid_sticky_kept_after_chown(root):
     assert stat.S_IMODE(os.stat(root / "tmp").st_mode) == 0o1777
 
 
+# A node that gets its owner and mode by being created skips fchown/fchmod; these
+# are the cases where creation alone would give something else.
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o000, 0o777])
+def test_modes_exact_whatever_the_umask(root, mask):
+    modes = [0o644, 0o755, 0o600, 0o664, 0o666, 0o777, 0o000, 0o444, 0o4755, 0o1755]
+    old = os.umask(mask)
+    try:
+        apply(root, layer(*[ti(f"f{m:04o}", data=b"x", mode=m) for m in modes]))
+    finally:
+        os.umask(old)
+    assert {m: stat.S_IMODE(os.stat(root / f"f{m:04o}").st_mode) for m in modes} == \
+        {m: m for m in modes}
+
+
+def test_owner_exact_under_a_setgid_directory(root):
+    """A new node takes a set-group-ID directory's group; a root:root entry must
+    still end up root:root, and one with the directory's group keeps it."""
+    apply(root, layer(
+        ti("sg", tarfile.DIRTYPE, mode=0o2775, gid=4321),
+        ti("sg/root", data=b"x", mode=0o644),
+        ti("sg/same", data=b"x", mode=0o644, gid=4321),
+        ti("sg/link", tarfile.SYMTYPE, linkname="root"),
+        ti("sg/sub", tarfile.DIRTYPE, mode=0o755),
+        ti("sg/sub/f", data=b"x", mode=0o644),
+    ))
+    own = lambda n: (os.lstat(root / n).st_uid, os.lstat(root / n).st_gid)
+    assert own("sg/root") == (0, 0)
+    assert own("sg/same") == (0, 4321)
+    assert own("sg/link") == (0, 0)
+    assert own("sg/sub") == (0, 0)
+    assert own("sg/sub/f") == (0, 0)
+    assert stat.S_IMODE(os.stat(root / "sg/root").st_mode) == 0o644
+
+
+def test_setgid_gained_by_a_later_entry_of_the_same_directory(root):
+    """The root directory's own entry coming after files were created in it."""
+    apply(root, layer(
+        ti("a", data=b"x"),
+        ti("./", tarfile.DIRTYPE, mode=0o2755, gid=777),
+        ti("b", data=b"x"),
+    ))
+    assert (os.stat(root / "a").st_gid, os.stat(root / "b").st_gid) == (0, 0)
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o2755
+
+
+def test_modes_exact_under_a_default_acl(root):
+    """With a default ACL on the parent, the ACL and not the umask shapes a new
+    file's mode: the entry's mode must still be what ends up on disk."""
+    acl = _default_acl_xattr(user=0o7, group=0, mask=0, other=0)
+    apply(root, layer(
+        ti("d", tarfile.DIRTYPE, mode=0o755,
+           pax=xattr_pax({"system.posix_acl_default": acl})),
+        ti("d/f644", data=b"x", mode=0o644),
+        ti("d/f600", data=b"x", mode=0o600),
+        ti("d/sub", tarfile.DIRTYPE, mode=0o755),
+        ti("d/sub/f640", data=b"x", mode=0o640),
+    ))
+    assert os.getxattr(root / "d", "system.posix_acl_default")
+    for n, m in [("d/f644", 0o644), ("d/f600", 0o600), ("d/sub", 0o755), ("d/sub/f640", 0o640)]:
+        assert stat.S_IMODE(os.stat(root / n).st_mode) == m, n
+
+
+def test_modes_exact_under_an_existing_default_acl(root):
+    """The same when the directory with the default ACL was there before the layer."""
+    (root / "d").mkdir()
+    os.setxattr(root / "d", "system.posix_acl_default",
+                _default_acl_xattr(user=0o7, group=0, mask=0, other=0))
+    apply(root, layer(ti("d/f", data=b"x", mode=0o644), ti("d/g", data=b"x", mode=0o750)))
+    assert stat.S_IMODE(os.stat(root / "d/f").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(root / "d/g").st_mode) == 0o750
+
+
+def _default_acl_xattr(*, user, group, mask, other) -> bytes:
+    """A minimal POSIX ACL in the kernel's xattr format (version 2)."""
+    tag = {"user": 0x01, "group": 0x04, "mask": 0x10, "other": 0x20}
+    out = struct.pack("<I", 2)
+    for name, perm in (("user", user), ("group", group), ("mask", mask), ("other", other)):
+        out += struct.pack("<HHI", tag[name], perm, 0xFFFFFFFF)
+    return out
+
+
 def test_numeric_owners_kept(root):
     apply(root, layer(
         ti("d", tarfile.DIRTYPE, uid=1234, gid=5678, pax={"uname": "nobody", "gname": "nogroup"}),
