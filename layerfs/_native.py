@@ -4,8 +4,6 @@ Each C entry point is wrapped once here, with argument conversion and error
 mapping; everything above this module works with paths, file objects and
 Python values.  cffi releases the GIL for the whole of each call.
 """
-from __future__ import annotations
-
 import errno as _errno
 import os
 import struct

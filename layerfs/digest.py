@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Iterable, List
@@ -32,17 +31,15 @@ def parse_digest(value: str) -> str:
 
 def chain_id(diff_ids: Iterable[str]) -> str:
     """ChainID of a stack of layers given their DiffIDs, bottom first."""
-    ids: List[str] = [parse_digest(d) for d in diff_ids]
+    ids = chain_ids(diff_ids)
     if not ids:
         raise ValueError("chain_id needs at least one DiffID")
-    chain = ids[0]
-    for d in ids[1:]:
-        chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
-    return chain
+    return ids[-1]
 
 
 def chain_ids(diff_ids: Iterable[str]) -> List[str]:
     """The ChainID of every prefix of the stack: [ChainID(L0), ChainID(L0..L1), ...]."""
+    import hashlib              # only here: unpacking a layer never needs it
     out: List[str] = []
     for d in diff_ids:
         d = parse_digest(d)
