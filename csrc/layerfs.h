@@ -266,6 +266,25 @@ int lfs_union_serve(const char *mountpoint, const char *const *layers, size_t nl
  * Entries that vanish during the walk are left out.  flags: 0. */
 int lfs_walk(const char *root, int out_fd, int flags, lfs_error *err);
 
+/* lfs_walk of root, and at the same time, on `threads` worker threads (0: 2),
+ * a comparison of each regular file with the regular file at the same path
+ * under ref_root: of the same size (but not empty), their bytes are compared
+ * (unless both are one inode, or with LFS_WALK_TRUST_MTIME their mtimes are
+ * equal with a non-zero nanosecond part), and hashed when they differ; of
+ * different sizes, both are hashed.  One more record per comparison, in the
+ * same stream, in no particular order (little-endian, packed):
+ *   uint32 reclen
+ *   uint8  'C'
+ *   uint8  same                    1: the same bytes; 0: not (or unreadable)
+ *   uint8  has_digests             digests follow (both files read)
+ *   uint8  reserved (0)
+ *   uint32 path_len
+ *   [uint8 digest_ref[32], digest[32]]  sha256 of the ref_root file and of the root file
+ *   path bytes (relative, as in the walk record) */
+#define LFS_WALK_TRUST_MTIME 1
+int lfs_walk_compare(const char *root, const char *ref_root, int out_fd, int flags,
+                     unsigned threads, lfs_error *err);
+
 /* paths holds 2n NUL-terminated paths back to back: a0, b0, a1, b1, ...
  * same[i] = 1 when the regular files ai and bi hold the same bytes, else 0
  * (also when one cannot be opened or read).  Each pair stops at its first

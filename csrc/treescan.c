@@ -29,20 +29,26 @@ typedef struct wbuf {
     int fd;
     unsigned char *p;
     size_t len, cap;
+    pthread_mutex_t *lock;        /* several writers to fd (whole batches under it), or NULL */
 } wbuf;
 
 static int wb_flush(wbuf *w, lfs_error *err)
 {
     size_t off = 0;
+    int e = 0;
+    if (w->lock) pthread_mutex_lock(w->lock);
     while (off < w->len) {
         ssize_t n = write(w->fd, w->p + off, w->len - off);
         if (n < 0) {
             if (errno == EINTR) continue;
-            return lfs_fail(err, errno, -1, NULL, NULL, "writing walk records");
+            e = errno;
+            break;
         }
         off += (size_t)n;
     }
+    if (w->lock) pthread_mutex_unlock(w->lock);
     w->len = 0;
+    if (e) return lfs_fail(err, e, -1, NULL, NULL, "writing walk records");
     return 0;
 }
 
@@ -71,6 +77,8 @@ static void put64(wbuf *w, uint64_t v) { put(w, &v, 8); }
 
 /* ---------------------------------------------------------------- walking */
 
+struct comparer;
+
 typedef struct walker {
     wbuf out;
     char path[PATH_MAX];          /* root + "/" + relative path of the current entry */
@@ -80,7 +88,10 @@ typedef struct walker {
     unsigned char *xval;          /* one xattr value */
     size_t xval_cap;
     lfs_error *err;
+    struct comparer *cmp;         /* lfs_walk_compare: regular files go to it, or NULL */
 } walker;
+
+static int cmp_offer(struct comparer *c, const char *rel, const struct stat *st, lfs_error *err);
 
 static char type_char(mode_t m)
 {
@@ -217,6 +228,8 @@ static int emit_entry(walker *w, const struct stat *st)
     uint32_t len = (uint32_t)(w->out.len - start - 4);
     memcpy(w->out.p + start, &len, 4);
     memcpy(w->out.p + nx_at, &nx, 4);
+    if (w->cmp && S_ISREG(st->st_mode))
+        return cmp_offer(w->cmp, rel, st, w->err);
     return 0;
 }
 
@@ -301,49 +314,47 @@ static int walk_dir(walker *w)
     return rc;
 }
 
+/* Walk the tree at root into w (set up by the caller: err, out, cmp). */
+static int walk_tree(walker *w, const char *root)
+{
+    lfs_error *err = w->err;
+    size_t rl = strlen(root);
+    while (rl > 1 && root[rl - 1] == '/') rl--;
+    if (rl >= sizeof w->path - 1) return lfs_fail(err, ENAMETOOLONG, -1, root, NULL, "path too long");
+    memcpy(w->path, root, rl);
+    w->path[rl] = 0;
+    if (rl == 1 && root[0] == '/') w->path[0] = 0, rl = 0;   /* "/" walks as "" + "/name" */
+    w->root_len = rl;
+    w->xnames_cap = 1024;
+    w->xnames = malloc(w->xnames_cap);
+    w->xval_cap = 1024;
+    w->xval = malloc(w->xval_cap);
+    if (!w->xnames || !w->xval) return lfs_fail(err, ENOMEM, -1, root, NULL, "out of memory");
+    struct stat st;
+    if (lstat(rl ? w->path : "/", &st) < 0) return lfs_fail(err, errno, -1, root, NULL, "lstat");
+    if (!S_ISDIR(st.st_mode)) return lfs_fail(err, ENOTDIR, -1, root, NULL, "not a directory");
+    int rc;
+    if (rl == 0) {                                   /* the root "/" itself */
+        w->path[0] = '/', w->path[1] = 0;
+        rc = emit_entry(w, &st);
+        w->path[0] = 0;
+    } else {
+        rc = emit_entry(w, &st);
+    }
+    if (rc >= 0) rc = walk_dir(w);
+    if (rc >= 0) rc = wb_flush(&w->out, err);
+    return rc;
+}
+
 int lfs_walk(const char *root, int out_fd, int flags, lfs_error *err)
 {
     walker w;
     memset(&w, 0, sizeof w);
     w.err = err;
     w.out.fd = out_fd;
-    size_t rl = strlen(root);
-    while (rl > 1 && root[rl - 1] == '/') rl--;
-    if (rl >= sizeof w.path - 1) return lfs_fail(err, ENAMETOOLONG, -1, root, NULL, "path too long");
-    memcpy(w.path, root, rl);
-    w.path[rl] = 0;
-    if (rl == 1 && root[0] == '/') w.path[0] = 0, rl = 0;   /* "/" walks as "" + "/name" */
-    w.root_len = rl;
     w.out.cap = 1 << 16;
     w.out.p = malloc(w.out.cap);
-    w.xnames_cap = 1024;
-    w.xnames = malloc(w.xnames_cap);
-    w.xval_cap = 1024;
-    w.xval = malloc(w.xval_cap);
-    int rc;
-    if (!w.out.p || !w.xnames || !w.xval) {
-        rc = lfs_fail(err, ENOMEM, -1, root, NULL, "out of memory");
-        goto out;
-    }
-    struct stat st;
-    if (lstat(rl ? w.path : "/", &st) < 0) {
-        rc = lfs_fail(err, errno, -1, root, NULL, "lstat");
-        goto out;
-    }
-    if (!S_ISDIR(st.st_mode)) {
-        rc = lfs_fail(err, ENOTDIR, -1, root, NULL, "not a directory");
-        goto out;
-    }
-    if (rl == 0) {                                   /* the root "/" itself */
-        w.path[0] = '/', w.path[1] = 0;
-        rc = emit_entry(&w, &st);
-        w.path[0] = 0;
-    } else {
-        rc = emit_entry(&w, &st);
-    }
-    if (rc >= 0) rc = walk_dir(&w);
-    if (rc >= 0) rc = wb_flush(&w.out, err);
-out:
+    int rc = w.out.p ? walk_tree(&w, root) : lfs_fail(err, ENOMEM, -1, root, NULL, "out of memory");
     free(w.out.p);
     free(w.xnames);
     free(w.xval);
@@ -398,6 +409,35 @@ static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
             break;
         }
         if (ra < EQ_CHUNK) break;
+    }
+    close(fa);
+    close(fb);
+    return same;
+}
+
+/* Whether the files a and b, both `size` bytes long by lstat, hold the same
+ * bytes: reads exactly that much of each (no read to find the end). */
+static unsigned char equal_sized(const char *a, const char *b, off_t size, unsigned char *ba,
+                                 unsigned char *bb)
+{
+    int fa = open(a, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fa < 0) return 0;
+    int fb = open(b, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fb < 0) {
+        close(fa);
+        return 0;
+    }
+    unsigned char same = 1;
+    while (size > 0) {
+        size_t want = size > EQ_CHUNK ? EQ_CHUNK : (size_t)size;
+        ssize_t ra = read_full(fa, ba, want);
+        ssize_t rb = read_full(fb, bb, want);
+        if (ra < 0 || rb < 0 || ra != rb || memcmp(ba, bb, (size_t)ra) != 0) {
+            same = 0;
+            break;
+        }
+        if ((size_t)ra < want) break;       /* both shrank alike since lstat */
+        size -= ra;
     }
     close(fa);
     close(fb);
@@ -463,4 +503,230 @@ int lfs_files_equal(const char *paths, size_t n, unsigned threads, unsigned char
     free(j.b);
     if (fail) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing files");
     return 0;
+}
+
+/* ---------------------------------------------------------------- walking and comparing */
+
+/* lfs_walk_compare: the walker offers each regular file of the tree; one with
+ * a regular file of the same size at the same path under the reference root
+ * (not the same inode, not decided by its mtime) becomes a job, and worker
+ * threads compare the two while the walk goes on, writing one 'C' record per
+ * job to the same pipe (whole batches under out_lock). */
+
+typedef struct cmp_job {
+    struct cmp_job *next;
+    off_t size;                   /* of both files; -1: sizes differ, only hash them */
+    char rel[];
+} cmp_job;
+
+typedef struct comparer {
+    const char *root, *ref;       /* the walked tree, the reference tree */
+    size_t root_len, ref_len;
+    int trust_mtime;
+    int out_fd;
+    pthread_mutex_t out_lock;
+    pthread_mutex_t mu;           /* the queue, done, stop, the first worker error */
+    pthread_cond_t cv;
+    cmp_job *head, *tail;
+    int done;                     /* no more jobs will come */
+    int stop;                     /* give up: drop the jobs left */
+    int rc;                       /* first worker error (err filled) */
+    lfs_error err;
+} comparer;
+
+/* "base/rel" into buf (PATH_MAX); 0, or -1 when too long. */
+static int join_path(char *buf, const char *base, size_t base_len, const char *rel)
+{
+    size_t rl = strlen(rel);
+    if (base_len + 1 + rl >= PATH_MAX) return -1;
+    memcpy(buf, base, base_len);
+    buf[base_len] = '/';
+    memcpy(buf + base_len + 1, rel, rl + 1);
+    return 0;
+}
+
+static int cmp_offer(comparer *c, const char *rel, const struct stat *st, lfs_error *err)
+{
+    char ref[PATH_MAX];
+    struct stat rs;
+    if (join_path(ref, c->ref, c->ref_len, rel) < 0) return 0;
+    if (lstat(ref, &rs) < 0 || !S_ISREG(rs.st_mode)) return 0;
+    off_t size = st->st_size;
+    if (rs.st_size != size) {
+        size = -1;
+    } else {
+        if (size == 0 || (rs.st_dev == st->st_dev && rs.st_ino == st->st_ino)) return 0;
+        if (c->trust_mtime && rs.st_mtim.tv_sec == st->st_mtim.tv_sec &&
+            rs.st_mtim.tv_nsec == st->st_mtim.tv_nsec && st->st_mtim.tv_nsec != 0)
+            return 0;
+    }
+    size_t rl = strlen(rel);
+    cmp_job *j = malloc(sizeof *j + rl + 1);
+    if (!j) return lfs_fail(err, ENOMEM, -1, rel, NULL, "out of memory");
+    j->next = NULL;
+    j->size = size;
+    memcpy(j->rel, rel, rl + 1);
+    pthread_mutex_lock(&c->mu);
+    if (c->tail) c->tail->next = j;
+    else c->head = j;
+    c->tail = j;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+/* sha256 of the file at path into out; 0, or -1 when it cannot be read. */
+static int hash_path(const char *path, unsigned char *buf, unsigned char out[32])
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return -1;
+    lfs_sha256 h = {0};
+    int r = lfs_sha256_init(&h) < 0 ? -1 : 0;
+    while (r == 0) {
+        ssize_t n = read(fd, buf, EQ_CHUNK);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            r = -1;
+        } else if (n == 0) {
+            break;
+        } else {
+            lfs_sha256_update(&h, buf, (size_t)n);
+        }
+    }
+    if (r == 0) lfs_sha256_final(&h, out);
+    lfs_sha256_free(&h);
+    close(fd);
+    return r;
+}
+
+static void cmp_fail(comparer *c, const lfs_error *e, int rc)
+{
+    pthread_mutex_lock(&c->mu);
+    if (!c->rc) {
+        c->rc = rc;
+        c->err = *e;
+    }
+    c->stop = 1;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void *cmp_worker(void *arg)
+{
+    comparer *c = arg;
+    lfs_error err;
+    memset(&err, 0, sizeof err);
+    wbuf out = {.fd = c->out_fd, .lock = &c->out_lock, .cap = 1 << 16};
+    unsigned char *ba = malloc(EQ_CHUNK), *bb = malloc(EQ_CHUNK);
+    out.p = malloc(out.cap);
+    char pa[PATH_MAX], pb[PATH_MAX];
+    int rc = 0;
+    if (!ba || !bb || !out.p) rc = lfs_fail(&err, ENOMEM, -1, NULL, NULL, "out of memory");
+    for (;;) {
+        pthread_mutex_lock(&c->mu);
+        if (rc < 0) c->stop = 1;
+        while (!c->head && !c->done && !c->stop) pthread_cond_wait(&c->cv, &c->mu);
+        cmp_job *j = c->stop ? NULL : c->head;
+        if (j) {
+            c->head = j->next;
+            if (!c->head) c->tail = NULL;
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (!j) break;
+        unsigned char same = 0, has = 0, dig[64];
+        if (join_path(pa, c->ref, c->ref_len, j->rel) == 0 &&
+            join_path(pb, c->root, c->root_len, j->rel) == 0) {
+            same = j->size < 0 ? 0 : equal_sized(pa, pb, j->size, ba, bb);
+            if (!same && hash_path(pa, ba, dig) == 0 && hash_path(pb, ba, dig + 32) == 0)
+                has = 1;
+        }
+        size_t rl = strlen(j->rel);
+        size_t total = 12 + (has ? 64 : 0) + rl;
+        rc = wb_reserve(&out, total, &err);
+        if (rc == 0) {
+            unsigned char head[4] = {'C', same, has, 0};
+            put32(&out, (uint32_t)(total - 4));
+            put(&out, head, 4);
+            put32(&out, (uint32_t)rl);
+            if (has) put(&out, dig, 64);
+            put(&out, j->rel, rl);
+        }
+        free(j);
+    }
+    if (rc == 0) rc = wb_flush(&out, &err);
+    if (rc < 0) cmp_fail(c, &err, rc);
+    free(out.p);
+    free(ba);
+    free(bb);
+    return NULL;
+}
+
+int lfs_walk_compare(const char *root, const char *ref_root, int out_fd, int flags,
+                     unsigned threads, lfs_error *err)
+{
+    comparer c;
+    memset(&c, 0, sizeof c);
+    c.root = root;
+    c.root_len = strlen(root);
+    while (c.root_len > 1 && root[c.root_len - 1] == '/') c.root_len--;
+    c.ref = ref_root;
+    c.ref_len = strlen(ref_root);
+    while (c.ref_len > 1 && ref_root[c.ref_len - 1] == '/') c.ref_len--;
+    if (c.root_len == 1 && root[0] == '/') c.root_len = 0;
+    if (c.ref_len == 1 && ref_root[0] == '/') c.ref_len = 0;
+    c.trust_mtime = (flags & LFS_WALK_TRUST_MTIME) != 0;
+    c.out_fd = out_fd;
+    if (pthread_mutex_init(&c.out_lock, NULL) != 0)
+        return lfs_fail(err, ENOMEM, -1, root, NULL, "mutex init failed");
+    if (pthread_mutex_init(&c.mu, NULL) != 0) {
+        pthread_mutex_destroy(&c.out_lock);
+        return lfs_fail(err, ENOMEM, -1, root, NULL, "mutex init failed");
+    }
+    if (pthread_cond_init(&c.cv, NULL) != 0) {
+        pthread_mutex_destroy(&c.mu);
+        pthread_mutex_destroy(&c.out_lock);
+        return lfs_fail(err, ENOMEM, -1, root, NULL, "condition init failed");
+    }
+    if (threads == 0) threads = 2;
+    if (threads > EQ_MAX_THREADS) threads = EQ_MAX_THREADS;
+    pthread_t t[EQ_MAX_THREADS];
+    unsigned started = 0;
+    for (unsigned k = 0; k < threads; k++) {
+        if (pthread_create(&t[k], NULL, cmp_worker, &c) != 0) break;
+        started++;
+    }
+    walker w;
+    memset(&w, 0, sizeof w);
+    w.err = err;
+    w.out.fd = out_fd;
+    w.out.lock = &c.out_lock;
+    w.out.cap = 1 << 16;
+    w.out.p = malloc(w.out.cap);
+    w.cmp = &c;
+    int rc;
+    if (!started) rc = lfs_fail(err, EAGAIN, -1, root, NULL, "cannot start a comparing thread");
+    else if (!w.out.p) rc = lfs_fail(err, ENOMEM, -1, root, NULL, "out of memory");
+    else rc = walk_tree(&w, root);
+    pthread_mutex_lock(&c.mu);
+    c.done = 1;
+    if (rc < 0) c.stop = 1;
+    pthread_cond_broadcast(&c.cv);
+    pthread_mutex_unlock(&c.mu);
+    for (unsigned k = 0; k < started; k++) pthread_join(t[k], NULL);
+    while (c.head) {                          /* left by a stop */
+        cmp_job *j = c.head;
+        c.head = j->next;
+        free(j);
+    }
+    if (rc >= 0 && c.rc < 0) {
+        *err = c.err;
+        rc = c.rc;
+    }
+    free(w.out.p);
+    free(w.xnames);
+    free(w.xval);
+    pthread_cond_destroy(&c.cv);
+    pthread_mutex_destroy(&c.mu);
+    pthread_mutex_destroy(&c.out_lock);
+    return rc < 0 ? rc : 0;
 }

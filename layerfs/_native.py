@@ -8,7 +8,7 @@ import errno as _errno
 import os
 import struct
 import threading
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
 from .errors import LayerError
@@ -433,40 +433,98 @@ class WalkEntry(NamedTuple):
     ino: int
     linkname: str                  # symlink target, "" otherwise
     xattrs: Dict[str, bytes]
+    key: bytes = b""               # the record's bytes for everything above but dev, ino and
+                                   # path: equal keys, equal entries (content aside)
 
 
-def _parse_walk_records(buf: bytearray, out: List[WalkEntry]) -> int:
+def _parse_walk_records(buf: bytearray, out: list, factory: Callable = WalkEntry,
+                        compared: Optional[Dict[str, Tuple[bool, Optional[str],
+                                                           Optional[str]]]] = None) -> int:
     pos, n = 0, len(buf)
     unpack_fixed, fixed = _WALK_FIXED.unpack_from, _WALK_FIXED.size
-    unpack_from, append, entry = struct.unpack_from, out.append, WalkEntry
+    unpack_from, append = struct.unpack_from, out.append
     while n - pos >= 4:
         end = pos + 4 + unpack_from("<I", buf, pos)[0]
         if end > n:
             break
+        if buf[pos + 4] == 0x43 and compared is not None:       # 'C': a comparison
+            same, has, plen = buf[pos + 5], buf[pos + 6], unpack_from("<I", buf, pos + 8)[0]
+            p = pos + 12
+            da = db = None
+            if has:
+                da = "sha256:" + buf[p:p + 32].hex()
+                db = "sha256:" + buf[p + 32:p + 64].hex()
+                p += 64
+            if p + plen != end:
+                raise ValueError(f"malformed walk record at byte {pos}")
+            compared[buf[p:end].decode("utf-8", "surrogateescape")] = (bool(same), da, db)
+            pos = end
+            continue
         (_, head, mode, uid, gid, nlink, size, msec, mnsec, dmaj, dmin, dev, ino,
          plen, llen, nx, _) = unpack_fixed(buf, pos)
         p = pos + fixed
-        path, link, xattrs, p = _record_names(buf, p, plen, llen, nx)
-        if p != end:
-            raise ValueError(f"malformed walk record at byte {pos}")
-        append(entry(path, chr(head[0]), mode, uid, gid, nlink, size,
-                     msec * 1_000_000_000 + mnsec, dmaj, dmin, dev, ino, link, xattrs))
+        if llen or nx:
+            path, link, xattrs, q = _record_names(buf, p, plen, llen, nx)
+            if q != end:
+                raise ValueError(f"malformed walk record at byte {pos}")
+            key = bytes(buf[pos + 4:pos + 52]) + bytes(buf[p + plen:end])
+        else:
+            if p + plen != end:
+                raise ValueError(f"malformed walk record at byte {pos}")
+            path = buf[p:end].decode("utf-8", "surrogateescape")
+            link, xattrs = "", {}
+            key = bytes(buf[pos + 4:pos + 52])
+        append(factory(path, chr(head[0]), mode, uid, gid, nlink, size,
+                       msec * 1_000_000_000 + mnsec, dmaj, dmin, dev, ino, link, xattrs, key))
         pos = end
     return pos
 
 
-def walk(root: str) -> List[WalkEntry]:
+def walk(root: str, factory: Optional[Callable[..., Any]] = None) -> List[Any]:
     """Every entry of the tree at root, sorted preorder (lfs_walk; one C call
-    without the GIL, records drained from a pipe by a helper thread)."""
-    entries: List[WalkEntry] = []
+    without the GIL, records drained from a pipe by a helper thread).
+
+    factory: called with a WalkEntry's fields, positionally, for each entry
+    (in the helper thread, while the walk goes on); the list holds what it
+    returns.  Default: WalkEntry."""
+    entries: List[Any] = []
     err = _new_error()
-    rc, failure = _call_with_record_pipe(lambda w: lib.lfs_walk(os.fsencode(root), w, 0, err),
-                                         _parse_walk_records, entries, "walk")
+    make = factory or WalkEntry
+    rc, failure = _call_with_record_pipe(
+        lambda w: lib.lfs_walk(os.fsencode(root), w, 0, err),
+        lambda buf, out: _parse_walk_records(buf, out, make), entries, "walk")
     if rc < 0:
         _raise(rc, err, os.fsdecode(root))
     if failure:
         raise failure[0]
     return entries
+
+
+WALK_TRUST_MTIME = lib.LFS_WALK_TRUST_MTIME
+
+
+def walk_compare(root: str, ref_root: str, *, trust_mtime: bool = False, threads: int = 0,
+                 factory: Optional[Callable[..., Any]] = None
+                 ) -> Tuple[List[Any], Dict[str, Tuple[bool, Optional[str], Optional[str]]]]:
+    """walk(root, factory) and, while it goes, the comparison of each regular
+    file with the regular file of the same size at the same path under
+    ref_root (lfs_walk_compare; not for one inode, nor with trust_mtime for
+    equal mtimes with a non-zero nanosecond part).  Returns the entries and
+    {relative path: (same bytes, sha256 of the ref_root file, of the root
+    file)}; the digests are given when the bytes differ and both could be read."""
+    entries: List[Any] = []
+    compared: Dict[str, Tuple[bool, Optional[str], Optional[str]]] = {}
+    err = _new_error()
+    make = factory or WalkEntry
+    rc, failure = _call_with_record_pipe(
+        lambda w: lib.lfs_walk_compare(os.fsencode(root), os.fsencode(ref_root), w,
+                                       WALK_TRUST_MTIME if trust_mtime else 0, threads, err),
+        lambda buf, out: _parse_walk_records(buf, out, make, compared), entries, "walk")
+    if rc < 0:
+        _raise(rc, err, os.fsdecode(root))
+    if failure:
+        raise failure[0]
+    return entries, compared
 
 
 def files_equal(pairs: Sequence[Tuple[bytes, bytes]], threads: int = 0) -> List[bool]:

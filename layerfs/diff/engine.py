@@ -31,8 +31,8 @@ from .. import _native
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
-from .sources import (COARSE, IMPLICIT, OPAQUE, EntryMeta, LayerInfo, Source, SourceArg,
-                      open_source, parent_of, sort_key)
+from .sources import (COARSE, IMPLICIT, OPAQUE, DirectorySource, EntryMeta, LayerInfo, Source,
+                      SourceArg, open_source, parent_of, sort_key)
 from .trees import OVERLAY_PRIVATE_XATTRS, TreeChange, fds_equal
 
 KINDS = ("added", "deleted", "modified", "renamed")
@@ -278,9 +278,10 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
     eb_map = b.entries
     byte_pairs = []
     hash_jobs = []
+    done = a.content_equal.known
     for p in paths:
         ea = a.entries[p]
-        if ea.type != "file":
+        if ea.type != "file" or p in done:
             continue
         eb = eb_map.get(p)
         if eb is None or eb.type != "file" or eb.size != ea.size or ea.size == 0:
@@ -388,14 +389,38 @@ def compare_meta(a: _Side, b: _Side, path: str, ea: EntryMeta, eb: EntryMeta,
 
 # ----------------------------------------------------------------- the merge
 
-def _load_both(a: Source, b: Source) -> Tuple[_Side, _Side]:
-    """Build both maps, at the same time (the C scans release the GIL)."""
+def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_Side, _Side]:
+    """Build both maps, at the same time (the C scans release the GIL).  Two
+    plain directories not yet loaded: the new one is walked while the C core
+    compares its files with the old one's (lfs_walk_compare)."""
+    compared = None
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         fa = pool.submit(a.entries)
-        fb = pool.submit(b.entries)
+        if (opts is not None and "content" not in opts.ignore and type(a) is DirectorySource
+                and type(b) is DirectorySource and b._entries is None
+                and hasattr(_native, "walk_compare")):
+            fb = pool.submit(b.load_compared, a, "mtime" not in opts.ignore)
+        else:
+            fb = None
+            b.entries()
         fa.result()
-        fb.result()
-    return _Side(a), _Side(b)
+        if fb is not None:
+            compared = fb.result()
+    sa, sb = _Side(a), _Side(b)
+    if compared is not None:
+        known = sa.content_equal.known
+        ea_map, eb_map = sa.entries, sb.entries
+        for p, (same, da, db) in compared.items():
+            ea, eb = ea_map.get(p), eb_map.get(p)
+            if ea is None or eb is None or ea.type != "file" or eb.type != "file":
+                continue            # changed since: left to the usual way
+            if ea.size == eb.size:
+                known[p] = same
+            if da is not None and ea.digest is None:
+                ea.digest = da
+            if db is not None and eb.digest is None:
+                eb.digest = db
+    return sa, sb
 
 
 class Diff:
@@ -461,7 +486,7 @@ class Diff:
 
     def _merge(self) -> Iterator[Change]:
         opts = self.options
-        a, b = _load_both(self.old, self.new)
+        a, b = _load_both(self.old, self.new, opts)
         self._sides = (a, b)
         ka = list(a.entries) if self.old.in_order else sorted(a.entries, key=sort_key)
         kb = list(b.entries) if self.new.in_order else sorted(b.entries, key=sort_key)
@@ -476,6 +501,10 @@ class Diff:
         opts = self.options
         ea_map, eb_map = a.entries, b.entries
         skip_old: Optional[str] = None      # a deleted (or replaced) directory's subtree
+        keyed = a.src.key_kind is not None and a.src.key_kind == b.src.key_kind
+        ga = a.groups() if keyed else {}
+        gb = b.groups() if keyed else {}
+        no_content = "content" in opts.ignore
         i = j = 0
         na, nb = len(ka), len(kb)
         sa = sb = None
@@ -525,6 +554,17 @@ class Diff:
             if old.type == "dir" and new.type != "dir":
                 skip_old = p.rstrip("/") + "/"
             if not _wanted(p, opts):
+                continue
+            if keyed and old.key is not None and old.key == new.key and \
+                    old.flags == new.flags and \
+                    (old.link is None or old.link not in ga) and \
+                    (new.link is None or new.link not in gb):
+                # the same metadata (and no hardlink group on either side):
+                # at most the content differs
+                if old.type != "file" or no_content or _same_content(a, b, old, new, opts, p):
+                    continue
+                yield self._record(a, b, p, "modified", old, new,
+                                   {"content": (a.src.digest(old), b.src.digest(new))})
                 continue
             if new.type == "whiteout" and old.type != "whiteout":
                 yield self._record(a, b, p, "deleted", old, new)

@@ -65,6 +65,9 @@ WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 
 
+_KEY_KEEPS = frozenset({"content", "link", "layer", "inode", "flags"})
+
+
 class EntryMeta:
     """The metadata of one entry of a tree.
 
@@ -76,16 +79,21 @@ class EntryMeta:
     the file to read it from (directory sources); link: hardlink group key
     (entries with the same key share one inode); layer: index of the layer
     that last wrote the entry (image sources); inode: (dev, ino) of a
-    directory source's entry; flags: IMPLICIT, OPAQUE, COARSE.
+    directory source's entry; flags: IMPLICIT, OPAQUE, COARSE; key: bytes the
+    source made of the record it read (everything above but content, link,
+    layer, inode and flags), or None: two entries from the same kind of record
+    with equal keys have the same metadata (a shortcut for the engine; unequal
+    keys tell nothing).
     """
     __slots__ = ("type", "mode", "uid", "gid", "size", "mtime_ns", "linkname", "rdev",
-                 "xattrs", "digest", "content", "link", "layer", "inode", "flags")
+                 "xattrs", "digest", "content", "link", "layer", "inode", "flags", "key")
 
     def __init__(self, type: str, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0,
                  mtime_ns: int = 0, linkname: str = "", rdev: Optional[Tuple[int, int]] = None,
                  xattrs: Optional[Dict[str, bytes]] = None, digest: Optional[str] = None,
                  content: Optional[bytes] = None, link: Any = None, layer: Optional[int] = None,
-                 inode: Optional[Tuple[int, int]] = None, flags: int = 0):
+                 inode: Optional[Tuple[int, int]] = None, flags: int = 0,
+                 key: Optional[bytes] = None):
         self.type = type
         self.mode = mode
         self.uid = uid
@@ -101,11 +109,14 @@ class EntryMeta:
         self.layer = layer
         self.inode = inode
         self.flags = flags
+        self.key = key
 
     def copy(self, **changes) -> "EntryMeta":
         m = EntryMeta.__new__(EntryMeta)
         for k in EntryMeta.__slots__:
             setattr(m, k, changes[k] if k in changes else getattr(self, k))
+        if "key" not in changes and not _KEY_KEEPS.issuperset(changes):
+            m.key = None
         return m
 
     @property
@@ -458,6 +469,9 @@ class Source:
     of stacks).
     """
     kind = "source"
+    #: what the entries' keys (EntryMeta.key) are made of; keys of two sources
+    #: compare only when this is the same (and not None)
+    key_kind: Optional[str] = None
 
     def __init__(self, name: str, view: Optional[str] = None):
         if view is not None and view not in VIEWS:
@@ -544,6 +558,7 @@ class DirectorySource(Source):
     """A directory tree, walked with lstat (no recursion limit); xattrs read
     with the walk, content only when the engine asks (:meth:`digest`)."""
     kind = "dir"
+    key_kind = "walk"
     overlay = False
 
     def __init__(self, path, view: Optional[str] = None, name: Optional[str] = None):
@@ -586,32 +601,57 @@ class DirectorySource(Source):
 
     def _load_native(self) -> Dict[str, EntryMeta]:
         """The walk in C (lfs_walk: lstat, link targets, xattrs, sorted), the
-        records turned into entries here."""
-        out: Dict[str, EntryMeta] = {}
-        root = self.path
-        private = OVERLAY_PRIVATE_XATTRS
-        for e in _native.walk(os.fsdecode(root)):
-            t = _WALK_TYPES.get(e.type, "unknown")
-            raw = e.xattrs
-            xattrs = {k: v for k, v in raw.items() if not k.startswith(private)} if raw else {}
-            m = EntryMeta(t, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.linkname, None, xattrs,
-                          None, None, None, None, (e.dev, e.ino), 0)
-            if t == "file":
-                m.content = root + b"/" + os.fsencode(e.path) if e.path else root
-                if e.nlink > 1:
-                    m.link = m.inode
-            elif t == "symlink":
-                m.mode = 0o777
-            elif t in ("char", "block"):
-                m.rdev = (e.devmajor, e.devminor)
-            elif t != "dir" and e.nlink > 1:
-                m.link = m.inode
-            path = "/" + e.path
-            if self._adjust(path, None, m, raw) is False:
-                continue
-            out[path] = m
+        records turned into entries as they arrive (in the walk's reader thread)."""
+        out = dict(filter(None, _native.walk(os.fsdecode(self.path), self._walk_factory())))
         self.in_order = True          # lfs_walk: sorted preorder
         return out
+
+    def load_compared(self, ref: "DirectorySource", trust_mtime: bool
+                      ) -> Dict[str, Tuple[bool, Optional[str], Optional[str]]]:
+        """Load the entries (as :meth:`entries`) while the C core compares each
+        regular file with the same-size regular file at the same path of ref
+        (lfs_walk_compare; see there for which pairs).  Returns {path: (same
+        bytes, ref's digest, this one's digest)}, digests when they differ."""
+        found, compared = _native.walk_compare(os.fsdecode(self.path), os.fsdecode(ref.path),
+                                               trust_mtime=trust_mtime,
+                                               factory=self._walk_factory())
+        self._entries = dict(filter(None, found))
+        self.in_order = True
+        return {"/" + p: v for p, v in compared.items()}
+
+    def _walk_factory(self) -> Callable[..., Optional[Tuple[str, EntryMeta]]]:
+        """(path, EntryMeta) of a walk record, or None to leave it out."""
+        root = self.path
+        private = OVERLAY_PRIVATE_XATTRS
+        types = _WALK_TYPES
+        adjust = self._adjust
+        plain = type(self)._adjust is DirectorySource._adjust
+        new = EntryMeta
+
+        def make(path, t, mode, uid, gid, nlink, size, mtime_ns, dmaj, dmin, dev, ino, link,
+                 raw, key):
+            t = types.get(t, "unknown")
+            xattrs = {k: v for k, v in raw.items() if not k.startswith(private)} if raw else {}
+            inode = (dev, ino)
+            if t == "file":
+                m = new(t, mode, uid, gid, size, mtime_ns, link, None, xattrs, None,
+                        root + b"/" + os.fsencode(path) if path else root,
+                        inode if nlink > 1 else None, None, inode, 0, key)
+            elif t == "dir":
+                m = new(t, mode, uid, gid, size, mtime_ns, link, None, xattrs, None, None, None,
+                        None, inode, 0, key)
+            else:
+                m = new(t, 0o777 if t == "symlink" else mode, uid, gid, size, mtime_ns, link,
+                        (dmaj, dmin) if t in ("char", "block") else None, xattrs, None, None,
+                        inode if nlink > 1 else None, None, inode, 0, key)
+            path = "/" + path
+            if not plain:
+                m.key = None
+                if adjust(path, None, m, raw) is False:
+                    return None
+            return path, m
+
+        return make
 
     def _load_python(self) -> Dict[str, EntryMeta]:
         out: Dict[str, EntryMeta] = {}
