@@ -505,6 +505,8 @@ class Diff:
         ga = a.groups() if keyed else {}
         gb = b.groups() if keyed else {}
         no_content = "content" in opts.ignore
+        known = a.content_equal.known
+        filtering = bool(opts.include or opts.exclude)
         i = j = 0
         na, nb = len(ka), len(kb)
         sa = sb = None
@@ -553,7 +555,7 @@ class Diff:
             old, new = ea_map[p], eb_map[p]
             if old.type == "dir" and new.type != "dir":
                 skip_old = p.rstrip("/") + "/"
-            if not _wanted(p, opts):
+            if filtering and not _wanted(p, opts):
                 continue
             if keyed and old.key is not None and old.key == new.key and \
                     old.flags == new.flags and \
@@ -561,7 +563,12 @@ class Diff:
                     (new.link is None or new.link not in gb):
                 # the same metadata (and no hardlink group on either side):
                 # at most the content differs
-                if old.type != "file" or no_content or _same_content(a, b, old, new, opts, p):
+                if old.type != "file" or no_content:
+                    continue
+                same = known.get(p)
+                if same is None:
+                    same = _same_content(a, b, old, new, opts, p)
+                if same:
                     continue
                 yield self._record(a, b, p, "modified", old, new,
                                    {"content": (a.src.digest(old), b.src.digest(new))})
