@@ -262,6 +262,8 @@ class ScanEntry(NamedTuple):
     linkname: str                  # hardlink/symlink target, "" otherwise
     xattrs: Dict[str, bytes]       # name -> value, as the archive carries them
     sparse: Tuple[Tuple[int, int], ...] = ()   # (offset, length) data segments of a sparse file
+    key: bytes = b""               # the record's bytes for everything above but path and
+                                   # header_offset: equal keys, equal entries
 
     @property
     def mtime(self) -> float:
@@ -287,11 +289,12 @@ def _record_names(buf, p: int, plen: int, llen: int, nx: int):
     return path, link, xattrs, p
 
 
-def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
-    """Parse the complete records at the start of buf into out; returns the bytes used."""
+def _parse_scan_records(buf: bytearray, out: list, factory: Callable = ScanEntry) -> int:
+    """Parse the complete records at the start of buf into out (factory(fields
+    of a ScanEntry) each); returns the bytes used."""
     pos, n = 0, len(buf)
     unpack_fixed, fixed = _SCAN_FIXED.unpack_from, _SCAN_FIXED.size
-    unpack_from, append, entry = struct.unpack_from, out.append, ScanEntry
+    unpack_from, append = struct.unpack_from, out.append
     while n - pos >= 4:
         end = pos + 4 + unpack_from("<I", buf, pos)[0]
         if end > n:
@@ -299,15 +302,24 @@ def _parse_scan_records(buf: bytearray, out: List[ScanEntry]) -> int:
         (_, typ, has_digest, _, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, dig,
          plen, llen, nx, ns) = unpack_fixed(buf, pos)
         p = pos + fixed
-        path, link, xattrs, p = _record_names(buf, p, plen, llen, nx)
-        sparse = ()
-        if ns:
-            sparse = tuple(struct.iter_unpack("<qq", buf[p:p + 16 * ns]))
-            p += 16 * ns
-        if p != end:
-            raise ValueError(f"malformed scan record at byte {pos}")
-        append(entry(path, chr(typ), mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff,
-                     "sha256:" + dig.hex() if has_digest else None, link, xattrs, sparse))
+        if llen or nx or ns:
+            path, link, xattrs, q = _record_names(buf, p, plen, llen, nx)
+            sparse = ()
+            if ns:
+                sparse = tuple(struct.iter_unpack("<qq", buf[q:q + 16 * ns]))
+                q += 16 * ns
+            if q != end:
+                raise ValueError(f"malformed scan record at byte {pos}")
+            tail = bytes(buf[p + plen:end])
+        else:
+            if p + plen != end:
+                raise ValueError(f"malformed scan record at byte {pos}")
+            path = buf[p:end].decode("utf-8", "surrogateescape")
+            link, xattrs, sparse, tail = "", {}, (), b""
+        key = bytes(buf[pos + 4:pos + 48]) + bytes(buf[pos + 56:pos + 88]) + \
+            bytes(buf[pos + 92:pos + 104]) + tail
+        append(factory(path, chr(typ), mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff,
+                       "sha256:" + dig.hex() if has_digest else None, link, xattrs, sparse, key))
         pos = end
     return pos
 
@@ -352,19 +364,23 @@ def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearra
 
 
 def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
-         name: Optional[str] = None) -> Tuple[List[ScanEntry], Digests]:
+         name: Optional[str] = None, factory: Optional[Callable[..., Any]] = None
+         ) -> Tuple[List[Any], Digests]:
     """List the layer stream on in_fd without extracting it (lfs_scan).
 
     Returns the entries in archive order and the digests of the stream.  The C
     call runs in this thread (without the GIL) and writes records into a pipe
-    that a helper thread drains and parses.
+    that a helper thread drains and parses.  factory: called with a
+    ScanEntry's fields, positionally, for each entry (in the helper thread,
+    while the scan goes on); the list holds what it returns.  Default: ScanEntry.
     """
-    entries: List[ScanEntry] = []
+    entries: List[Any] = []
     out = ffi.new("lfs_digests *")
     err = _new_error()
+    make = factory or ScanEntry
     rc, failure = _call_with_record_pipe(
         lambda w: lib.lfs_scan(in_fd, w, compression, SCAN_HASH if hash else 0, out, err),
-        _parse_scan_records, entries, "scan")
+        lambda buf, got: _parse_scan_records(buf, got, make), entries, "scan")
     if rc < 0:
         _raise(rc, err, name)
     if failure:

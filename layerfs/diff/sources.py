@@ -332,12 +332,14 @@ def _scan_meta(e: "_native.ScanEntry", layer: Optional[int]) -> EntryMeta:
                      e.xattrs or None, e.digest, None, None, layer, None, flags)
 
 
-def scan_layer(layer: LayerInfo) -> List["_native.ScanEntry"]:
-    """The entries of one layer blob (C core; content hashed, nothing extracted)."""
+def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None
+               ) -> List["_native.ScanEntry"]:
+    """The entries of one layer blob (C core; content hashed, nothing extracted).
+    factory: see :func:`layerfs._native.scan`."""
     src = layer.open()
     try:
         with _open_stream(src) as (fd, name):
-            entries, digests = _native.scan(fd, name=layer.name or name)
+            entries, digests = _native.scan(fd, name=layer.name or name, factory=factory)
     finally:
         close = getattr(src, "close", None)
         if close is not None:
@@ -352,8 +354,109 @@ def scan_layer(layer: LayerInfo) -> List["_native.ScanEntry"]:
     return entries
 
 
-def _classify(entries: List["_native.ScanEntry"], index: int):
+class _Classified:
+    """A layer's entries split as :func:`_classify` does, made while it was scanned."""
+    __slots__ = ("whiteouts", "opaques", "items")
+
+    def __init__(self, whiteouts: List[str], opaques: List[str],
+                 items: List[Tuple[str, EntryMeta]]):
+        self.whiteouts, self.opaques, self.items = whiteouts, opaques, items
+
+
+def _classifier(index: int) -> Callable[..., Any]:
+    """A scan factory giving what _classify makes of each entry: (0, path,
+    meta), (1, whiteout target), (2, opaque directory) or None (AUFS metadata)."""
+    types, new = _TAR_TYPES, EntryMeta
+
+    def make(name, typ, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, digest, link,
+             xattrs, sparse, key):
+        path = norm_path(name)
+        base = path[path.rfind("/") + 1:]
+        if base.startswith(WH_PREFIX):
+            d = parent_of(path)
+            if base == WH_OPAQUE:
+                return 2, d
+            if base.startswith(WH_PREFIX + WH_PREFIX):
+                return None               # AUFS private metadata (.wh..wh.plnk, ...)
+            return 1, d.rstrip("/") + "/" + base[len(WH_PREFIX):]
+        t = types.get(typ)
+        if t is None:
+            t = "hardlink" if typ == "1" else "unknown"
+        m = new(t, mode & 0o7777, uid, gid, size if t == "file" else 0,
+                msec * 1_000_000_000 + mnsec,
+                link if t == "symlink" or t == "hardlink" else "",
+                (dmaj, dmin) if t == "char" or t == "block" else None,
+                xattrs or None, digest, None, None, index, None,
+                COARSE if mnsec == 0 else 0, key)
+        if t == "hardlink":
+            m.linkname = norm_path(m.linkname)
+        return 0, path, m
+    return make
+
+
+def scan_classified(layer: LayerInfo) -> _Classified:
+    """scan_layer, split as fold_layer needs it (in the scan's reader thread)."""
+    whiteouts: List[str] = []
+    opaques: List[str] = []
+    items: List[Tuple[str, EntryMeta]] = []
+    for r in scan_layer(layer, _classifier(layer.index)):
+        if r is None:
+            continue
+        k = r[0]
+        if k == 0:
+            items.append((r[1], r[2]))
+        elif k == 1:
+            whiteouts.append(r[1])
+        else:
+            opaques.append(r[1])
+    return _Classified(whiteouts, opaques, items)
+
+
+def _fold_first(c: _Classified, index: int) -> Optional[Dict[str, EntryMeta]]:
+    """fold_layer of the first layer onto an empty tree, for the common case
+    (no path written twice, no non-directory where a directory should be):
+    the map, or None when the general fold must do it.  Whiteouts and opaque
+    directories have nothing below them to remove."""
+    entries: Dict[str, EntryMeta] = {}
+    get = entries.get
+    for k, (path, m) in enumerate(c.items):
+        t = m.type
+        if t == "hardlink":
+            target = get(m.linkname)
+            if target is None or target.type == "dir":
+                return None               # the general fold tells what is wrong
+            if target.link is None:
+                target.link = (index, k)
+            m = target.copy(layer=index, flags=target.flags)
+        elif t == "file":
+            m.link = (index, k)
+        if path in entries:
+            return None
+        if path != "/":
+            p = parent_of(path)
+            pm = get(p)
+            if pm is None or pm.type != "dir":
+                missing = []
+                while p:
+                    pm = get(p)
+                    if pm is not None:
+                        if pm.type != "dir":
+                            return None
+                        break
+                    missing.append(p)
+                    p = parent_of(p)
+                for p in reversed(missing):
+                    entries[p] = EntryMeta("dir", 0o755, layer=index, flags=IMPLICIT)
+        entries[path] = m
+    if "/" not in entries:
+        entries["/"] = EntryMeta("dir", 0o755, layer=index, flags=IMPLICIT)
+    return entries
+
+
+def _classify(entries, index: int):
     """Split a layer's entries: (whiteout targets, opaque dirs, [(path, meta)])."""
+    if isinstance(entries, _Classified):
+        return entries.whiteouts, entries.opaques, entries.items
     whiteouts: List[str] = []
     opaques: List[str] = []
     items: List[Tuple[str, EntryMeta]] = []
@@ -724,6 +827,7 @@ class LayerStackSource(Source):
     ``upto``: only the layers up to that index (negative from the top); the raw
     view shows that layer's own entries (default: the top layer)."""
     kind = "layer"
+    key_kind = "scan"
 
     def __init__(self, layers: List[LayerInfo], name: str, view: Optional[str] = None,
                  upto: Optional[int] = None, threads: int = 2):
@@ -740,32 +844,44 @@ class LayerStackSource(Source):
         self.layers = layers
         self.threads = max(1, threads)
 
-    def scans(self, layers: Optional[List[LayerInfo]] = None
+    def scans(self, layers: Optional[List[LayerInfo]] = None, classified: bool = False
               ) -> Iterator[Tuple[LayerInfo, List["_native.ScanEntry"]]]:
         """(layer, entries) for each layer in order; the C scans of the next
-        layers run in other threads while the caller folds this one."""
+        layers run in other threads while the caller folds this one.
+        classified: entries already split for fold_layer (scan_classified)."""
         layers = self.layers if layers is None else layers
+        scan = scan_classified if classified else scan_layer
         if len(layers) == 1 or self.threads == 1:
             for l in layers:
-                yield l, scan_layer(l)
+                yield l, scan(l)
             return
         with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-            futs = [pool.submit(scan_layer, l) for l in layers[:self.threads]]
+            futs = [pool.submit(scan, l) for l in layers[:self.threads]]
             nxt = len(futs)
             for i, l in enumerate(layers):
                 entries = futs[i].result()
                 futs[i] = None  # type: ignore[call-overload]  # drop the finished list
                 if nxt < len(layers):
-                    futs.append(pool.submit(scan_layer, layers[nxt]))
+                    futs.append(pool.submit(scan, layers[nxt]))
                     nxt += 1
                 yield l, entries
 
     def _load(self) -> Dict[str, EntryMeta]:
         if self.view == RAW:
             top = self.layers[-1]
-            return raw_layer_map(scan_layer(top), top.index)
+            return raw_layer_map(scan_classified(top), top.index)
+        if len(self.layers) == 1:
+            c = scan_classified(self.layers[0])
+            first = _fold_first(c, self.layers[0].index)
+            if first is not None:
+                return first
+            tree = Tree()
+            fold_layer(tree, c, self.layers[0].index, deleted_by=self.deleted_by)
+            if "/" not in tree.entries:
+                tree.entries["/"] = EntryMeta("dir", 0o755, flags=IMPLICIT)
+            return tree.entries
         tree = Tree()
-        for l, entries in self.scans():
+        for l, entries in self.scans(classified=True):
             fold_layer(tree, entries, l.index, deleted_by=self.deleted_by)
         if "/" not in tree.entries:
             tree.entries["/"] = EntryMeta("dir", 0o755, flags=IMPLICIT)
