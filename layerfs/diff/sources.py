@@ -1114,10 +1114,133 @@ class _Limited(io.RawIOBase):
         return len(data)
 
 
+_TAR_REGULAR = (b"0", b"\0", b"7")
+_TAR_KNOWN = _TAR_REGULAR + (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+def _octal(field: bytes) -> int:
+    """A numeric header field as tarfile reads it (octal, NUL-terminated)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        raise ValueError("base-256 number")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _quick_detect(f, budget: int) -> Optional[str]:
+    """detect_file's answer read from the headers directly, or None when the
+    archive has anything this reader leaves to tarfile (bad checksums, global
+    or Solaris extended headers, sparse files, base-256 sizes, ...)."""
+    def skip(n: int) -> bool:
+        n = (n + 511) // 512 * 512
+        if n:
+            f.seek(n, 1)        # past the end: the next header read comes short
+        return True
+
+    pax_name: Optional[str] = None
+    pax_size: Optional[int] = None
+    long_name: Optional[str] = None
+    i = 0
+    while True:
+        buf = f.read(512)
+        if len(buf) != 512:
+            return None
+        if buf.count(0) == 512:
+            return "layer" if i else None
+        try:
+            chksum = _octal(buf[148:156])
+            size = _octal(buf[124:136])
+        except ValueError:
+            return None
+        if chksum != 256 + sum(buf[:148]) + sum(buf[156:]):
+            return None
+        t = buf[156:157]
+        if t == b"x":
+            data = f.read((size + 511) // 512 * 512)
+            if len(data) < size:
+                return None
+            pos = 0
+            data = data[:size]
+            while pos < len(data):
+                sp = data.find(b" ", pos)
+                try:
+                    n = int(data[pos:sp])
+                except ValueError:
+                    return None
+                rec = data[sp + 1:pos + n]
+                if n <= 0 or sp < 0 or not rec.endswith(b"\n") or b"=" not in rec:
+                    return None
+                k, v = rec[:-1].split(b"=", 1)
+                if k == b"path":
+                    pax_name = v.decode("utf-8", "surrogateescape")
+                elif k == b"size":
+                    try:
+                        pax_size = int(v)
+                    except ValueError:
+                        return None
+                elif k.startswith(b"GNU.sparse") or k == b"hdrcharset":
+                    return None
+                pos += n
+            continue
+        if t == b"L":
+            data = f.read((size + 511) // 512 * 512)
+            if len(data) < size:
+                return None
+            long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if t == b"K":
+            if not skip(size):
+                return None
+            continue
+        if t not in _TAR_KNOWN:
+            return None
+        name = buf[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = buf[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        is_dir = t == b"5" or (t == b"\0" and name.endswith("/"))
+        if is_dir:
+            name = name.rstrip("/")
+        if prefix:
+            name = prefix + "/" + name
+        if long_name is not None:
+            name = long_name
+        if pax_name is not None:
+            name = pax_name
+        if is_dir:
+            name = name.rstrip("/")
+        if pax_size is not None:
+            size = pax_size
+        pax_name = pax_size = long_name = None
+        if _looks_like_image_member(name):
+            return "image"
+        if i >= budget:
+            return "layer"
+        i += 1
+        if t in _TAR_REGULAR and not skip(size):
+            return None
+
+
 def detect_file(path: str, budget: int = 200, compressed_bytes: int = 8 << 20) -> str:
     """"image" if the tarball at path holds an OCI layout or docker-archive
     (judged from its first ``budget`` members, and for a compressed file from
     its first ``compressed_bytes``), else "layer"."""
+    with open(path, "rb") as raw:
+        head = raw.read(6)
+        raw.seek(0)
+        if head[:4] != b"\x28\xb5\x2f\xfd":
+            if head[:2] == b"\x1f\x8b":
+                import gzip
+                quick = gzip.GzipFile(fileobj=io.BufferedReader(_Limited(raw, compressed_bytes)))
+            else:
+                quick = raw
+            try:
+                found = _quick_detect(quick, budget)
+            except (OSError, EOFError, ValueError):
+                found = None
+            if found is not None:
+                return found
+    return _tarfile_detect(path, budget, compressed_bytes)
+
+
+def _tarfile_detect(path: str, budget: int = 200, compressed_bytes: int = 8 << 20) -> str:
+    """detect_file by Python's tarfile (every format it reads)."""
     with open(path, "rb") as raw:
         head = raw.read(6)
         raw.seek(0)

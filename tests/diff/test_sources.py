@@ -425,3 +425,68 @@ def test_files_equal(tmp_path):
     assert _native.files_equal(pairs) == [True, True, False, True, False, False, False]
     assert _native.files_equal(pairs, threads=1) == _native.files_equal(pairs, threads=4)
     assert _native.files_equal([]) == []
+
+
+# ----------------------------------------------------------------- fast paths against the slow ones
+
+def _gnu_tar(src: Path, out: Path, fmt: str, gz: bool = False) -> Path:
+    argv = ["tar", f"--format={fmt}", "--sort=name", "-C", str(src), "-cf", str(out), "."]
+    if gz:
+        argv.insert(1, "-z")
+    subprocess.run(argv, check=True)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar", "v7"])
+@pytest.mark.parametrize("case", ["oci", "docker", "deep-oci", "late", "plain"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_detect_file_reads_headers_as_tarfile_does(tmp_path, fmt, case, gz):
+    """detect_file reads the headers itself; tarfile's answer is the reference."""
+    from layerfs.diff.sources import _tarfile_detect
+    src = tmp_path / "src"
+    hexd = "ab" * 32
+    long_dir = "d" * 60 + "/" + "e" * 60             # past 100 bytes: long names
+    if case == "oci":
+        mk(src, "oci-layout", b"{}")
+        mk(src, f"blobs/sha256/{hexd}", b"x")
+    elif case == "docker":
+        mk(src, f"{hexd}/layer.tar", b"x")
+    elif case == "deep-oci":
+        for i in range(20):
+            mk(src, f"{long_dir}/f{i:03d}", b"y" * 700)
+        mk(src, f"{long_dir}/zz/blobs/sha256/{hexd}", b"x")    # not at the top: a layer
+        mk(src, "zzz/index.json", b"{}")                    # not at the top either
+    elif case == "late":
+        for i in range(230):
+            mk(src, f"a/f{i:03d}", b"z" * (i % 3) * 400)
+        mk(src, "index.json", b"{}")                        # member 232: past the budget
+    else:
+        for i in range(30):
+            mk(src, f"{long_dir}/sub{i}/file", b"w" * 1000)
+    if fmt == "v7" and case in ("deep-oci", "plain"):
+        pytest.skip("v7 cannot hold long names")
+    out = _gnu_tar(src, tmp_path / ("t.tar.gz" if gz else "t.tar"), fmt, gz)
+    assert detect_file(str(out)) == _tarfile_detect(str(out))
+    assert detect_file(str(out), budget=5) == _tarfile_detect(str(out), budget=5)
+    expect = "image" if case in ("oci", "docker") else "layer"
+    assert detect_file(str(out)) == expect
+
+
+def test_detect_file_odd_archives(tmp_path):
+    from layerfs.diff.sources import _tarfile_detect
+    cases = {"empty": b"", "zeros": bytes(10240), "junk": os.urandom(4096),
+             "short": b"x" * 100}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("x" * 150 + "/index.json")
+        tf.addfile(ti, io.BytesIO(b""))
+        ti = tarfile.TarInfo("index.json")
+        ti.pax_headers = {"comment": "global-less pax"}
+        tf.addfile(ti, io.BytesIO(b""))
+    cases["pax"] = buf.getvalue()
+    cases["truncated"] = buf.getvalue()[:1000]
+    for name, data in cases.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        assert detect_file(str(p)) == _tarfile_detect(str(p)), name
+    assert detect_file(str(tmp_path / "pax")) == "image"
