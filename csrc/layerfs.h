@@ -159,6 +159,8 @@ int lfs_remove_tree(int dirfd, const char *path, lfs_error *err);
 /* ---- listing a layer without extracting ---- */
 
 #define LFS_SCAN_HASH 1             /* compute sha256 of each regular file's content */
+#define LFS_SCAN_DATA_OFFSET 2      /* records end with the entry's data offset (below) */
+#define LFS_SCAN_HASH_SPARSE 4      /* compute sha256 of sparse regular files' content */
 
 /* Parse the layer on in_fd and write one binary record per entry to out_fd
  * (normally a pipe read by Python).  Record layout, little-endian, packed:
@@ -177,9 +179,26 @@ int lfs_remove_tree(int dirfd, const char *path, lfs_error *err);
  *   path bytes, link bytes
  *   nxattrs x (uint32 name_len, uint32 value_len, name bytes, value bytes)
  *   nsparse x (int64 offset, int64 length)
+ *   [int64 data_offset]            with LFS_SCAN_DATA_OFFSET: offset in the uncompressed
+ *                                  stream of a non-sparse regular file's first data
+ *                                  byte (its data is then size contiguous bytes); -1
+ *                                  for other entries
  * Digests of the whole stream go to *out. */
 int lfs_scan(int in_fd, int out_fd, int compression, int flags,
              lfs_digests *out, lfs_error *err);
+
+/* Byte ranges of two files read with pread (e.g. file contents inside two
+ * uncompressed layers, at their LFS_SCAN_DATA_OFFSET offsets), on `threads`
+ * threads (0: 2).  jobs holds n x (off_a, len_a, off_b, len_b); an offset < 0
+ * (or fd -1) means no range on that side.  result[i]: LFS_RANGE_SAME when both
+ * ranges are there, as long, and hold the same bytes; otherwise the sha256 of
+ * each range that could be read goes to digests[64 i] (a) and digests[64 i +
+ * 32] (b), flagged by LFS_RANGE_DIGEST_A / _B. */
+#define LFS_RANGE_SAME 1
+#define LFS_RANGE_DIGEST_A 2
+#define LFS_RANGE_DIGEST_B 4
+int lfs_ranges_compare(int fd_a, int fd_b, const int64_t *jobs, size_t n, unsigned threads,
+                       unsigned char *result, unsigned char *digests, lfs_error *err);
 
 int lfs_has_openat2(void);
 

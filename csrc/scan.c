@@ -8,6 +8,7 @@
  */
 #include "internal.h"
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -141,10 +142,11 @@ static int hash_entry(lfs_tar *t, const lfs_entry *e, unsigned char out[32],
     return r;
 }
 
-static int emit(outbuf *o, const lfs_entry *e, const unsigned char *digest, lfs_error *err)
+static int emit(outbuf *o, const lfs_entry *e, const unsigned char *digest, int with_offset,
+                int64_t data_offset, lfs_error *err)
 {
     size_t plen = strlen(e->path), llen = strlen(e->linkpath);
-    size_t total = REC_FIXED + plen + llen + e->nsparse * 16;
+    size_t total = REC_FIXED + plen + llen + e->nsparse * 16 + (with_offset ? 8 : 0);
     for (size_t i = 0; i < e->nxattrs; i++) total += 8 + strlen(e->xattrs[i].name) + e->xattrs[i].len;
     if (total - 4 > UINT32_MAX)
         return lfs_fail(err, E2BIG, e->header_offset, NULL, e->path, "scan record too large");
@@ -186,6 +188,7 @@ static int emit(outbuf *o, const lfs_entry *e, const unsigned char *digest, lfs_
         p = put_u64(p, (uint64_t)e->sparse[i].offset);
         p = put_u64(p, (uint64_t)e->sparse[i].length);
     }
+    if (with_offset) p = put_u64(p, (uint64_t)data_offset);
     o->len += (size_t)(p - start);
     return 0;
 }
@@ -213,12 +216,16 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
         if (r <= 0) break;
         unsigned char digest[32];
         int hashed = 0;
-        if ((flags & LFS_SCAN_HASH) && e->type == LFS_T_REG) {
+        int64_t data_offset = -1;
+        if (e->type == LFS_T_REG && !e->sparse) data_offset = (int64_t)lfs_src_offset(src);
+        if (e->type == LFS_T_REG &&
+            ((flags & LFS_SCAN_HASH) || (e->sparse && (flags & LFS_SCAN_HASH_SPARSE)))) {
             r = hash_entry(t, e, digest, &hole_budget, err);
             if (r < 0) break;
             hashed = 1;
         }
-        r = emit(&o, e, hashed ? digest : NULL, err);
+        r = emit(&o, e, hashed ? digest : NULL, (flags & LFS_SCAN_DATA_OFFSET) != 0, data_offset,
+                 err);
         if (r < 0) break;
     }
     if (r < 0) goto done;
@@ -230,4 +237,137 @@ done:
     lfs_tar_free(t);
     lfs_src_free(src);
     return r < 0 ? r : 0;
+}
+
+/* ---- byte ranges of layer files (lfs_ranges_compare) ---- */
+
+#define RANGE_CHUNK (256u << 10)
+#define RANGE_MAX_THREADS 16
+#define RANGE_BATCH 8
+
+typedef struct range_job {
+    int fd_a, fd_b;
+    const int64_t *jobs;
+    size_t n;
+    unsigned char *result;
+    unsigned char *digests;
+    size_t next;                  /* under mu */
+    pthread_mutex_t mu;
+} range_job;
+
+/* Read exactly n bytes at off; 0, or -1 (error or end of file). */
+static int pread_full(int fd, unsigned char *p, size_t n, int64_t off)
+{
+    while (n > 0) {
+        ssize_t r = pread(fd, p, n, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (r == 0) return -1;
+        p += r;
+        n -= (size_t)r;
+        off += r;
+    }
+    return 0;
+}
+
+static int hash_range(int fd, int64_t off, int64_t len, unsigned char *buf, unsigned char out[32])
+{
+    lfs_sha256 h = {0};
+    if (lfs_sha256_init(&h) < 0) return -1;
+    int r = 0;
+    while (len > 0 && r == 0) {
+        size_t k = len > (int64_t)RANGE_CHUNK ? RANGE_CHUNK : (size_t)len;
+        r = pread_full(fd, buf, k, off);
+        if (r == 0) lfs_sha256_update(&h, buf, k);
+        off += (int64_t)k;
+        len -= (int64_t)k;
+    }
+    if (r == 0) lfs_sha256_final(&h, out);
+    lfs_sha256_free(&h);
+    return r;
+}
+
+/* 1 same bytes, 0 not (or unreadable). */
+static int same_range(int fa, int64_t oa, int fb, int64_t ob, int64_t len, unsigned char *ba,
+                      unsigned char *bb)
+{
+    while (len > 0) {
+        size_t k = len > (int64_t)RANGE_CHUNK ? RANGE_CHUNK : (size_t)len;
+        if (pread_full(fa, ba, k, oa) < 0 || pread_full(fb, bb, k, ob) < 0) return 0;
+        if (memcmp(ba, bb, k) != 0) return 0;
+        oa += (int64_t)k;
+        ob += (int64_t)k;
+        len -= (int64_t)k;
+    }
+    return 1;
+}
+
+static void range_one(range_job *j, size_t i, unsigned char *ba, unsigned char *bb)
+{
+    const int64_t *q = j->jobs + 4 * i;
+    int64_t oa = q[0], la = q[1], ob = q[2], lb = q[3];
+    unsigned char res = 0;
+    int have_a = oa >= 0 && la >= 0 && j->fd_a >= 0, have_b = ob >= 0 && lb >= 0 && j->fd_b >= 0;
+    if (have_a && have_b && la == lb && same_range(j->fd_a, oa, j->fd_b, ob, la, ba, bb)) {
+        res = LFS_RANGE_SAME;
+    } else {
+        if (have_a && hash_range(j->fd_a, oa, la, ba, j->digests + 64 * i) == 0)
+            res |= LFS_RANGE_DIGEST_A;
+        if (have_b && hash_range(j->fd_b, ob, lb, ba, j->digests + 64 * i + 32) == 0)
+            res |= LFS_RANGE_DIGEST_B;
+    }
+    j->result[i] = res;
+}
+
+static void *range_worker(void *arg)
+{
+    range_job *j = arg;
+    unsigned char *ba = malloc(RANGE_CHUNK), *bb = malloc(RANGE_CHUNK);
+    if (!ba || !bb) {
+        free(ba);
+        free(bb);
+        return (void *)1;
+    }
+    for (;;) {
+        pthread_mutex_lock(&j->mu);
+        size_t i = j->next, end = i + RANGE_BATCH < j->n ? i + RANGE_BATCH : j->n;
+        j->next = end;
+        pthread_mutex_unlock(&j->mu);
+        if (i >= end) break;
+        for (; i < end; i++) range_one(j, i, ba, bb);
+    }
+    free(ba);
+    free(bb);
+    return NULL;
+}
+
+int lfs_ranges_compare(int fd_a, int fd_b, const int64_t *jobs, size_t n, unsigned threads,
+                       unsigned char *result, unsigned char *digests, lfs_error *err)
+{
+    range_job j = {.fd_a = fd_a, .fd_b = fd_b, .jobs = jobs, .n = n, .result = result,
+                   .digests = digests};
+    if (n == 0) return 0;
+    if (pthread_mutex_init(&j.mu, NULL) != 0)
+        return lfs_fail(err, ENOMEM, -1, NULL, NULL, "mutex init failed");
+    if (threads == 0) threads = 2;
+    if (threads > RANGE_MAX_THREADS) threads = RANGE_MAX_THREADS;
+    if ((size_t)threads > (n + RANGE_BATCH - 1) / RANGE_BATCH)
+        threads = (unsigned)((n + RANGE_BATCH - 1) / RANGE_BATCH);
+    pthread_t t[RANGE_MAX_THREADS];
+    unsigned started = 0;
+    for (unsigned k = 1; k < threads; k++) {
+        if (pthread_create(&t[k], NULL, range_worker, &j) != 0) break;
+        started = k;
+    }
+    int fail = range_worker(&j) != NULL;
+    for (unsigned k = 1; k <= started; k++) {
+        void *r = NULL;
+        pthread_join(t[k], &r);
+        if (r) fail = 1;
+    }
+    pthread_mutex_destroy(&j.mu);
+    if (fail) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing ranges");
+    return 0;
 }

@@ -264,6 +264,8 @@ class ScanEntry(NamedTuple):
     sparse: Tuple[Tuple[int, int], ...] = ()   # (offset, length) data segments of a sparse file
     key: bytes = b""               # the record's bytes for everything above but path and
                                    # header_offset: equal keys, equal entries
+    data_offset: int = -1          # scan(offsets=True): where a non-sparse regular file's
+                                   # data starts in the uncompressed stream; -1 otherwise
 
     @property
     def mtime(self) -> float:
@@ -289,10 +291,13 @@ def _record_names(buf, p: int, plen: int, llen: int, nx: int):
     return path, link, xattrs, p
 
 
-def _parse_scan_records(buf: bytearray, out: list, factory: Callable = ScanEntry) -> int:
+def _parse_scan_records(buf: bytearray, out: list, factory: Callable = ScanEntry,
+                        offsets: bool = False) -> int:
     """Parse the complete records at the start of buf into out (factory(fields
-    of a ScanEntry) each); returns the bytes used."""
+    of a ScanEntry) each); returns the bytes used.  offsets: the records end
+    with a data offset (LFS_SCAN_DATA_OFFSET)."""
     pos, n = 0, len(buf)
+    extra = 8 if offsets else 0
     unpack_fixed, fixed = _SCAN_FIXED.unpack_from, _SCAN_FIXED.size
     unpack_from, append = struct.unpack_from, out.append
     while n - pos >= 4:
@@ -302,24 +307,27 @@ def _parse_scan_records(buf: bytearray, out: list, factory: Callable = ScanEntry
         (_, typ, has_digest, _, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, dig,
          plen, llen, nx, ns) = unpack_fixed(buf, pos)
         p = pos + fixed
+        last = end - extra
         if llen or nx or ns:
             path, link, xattrs, q = _record_names(buf, p, plen, llen, nx)
             sparse = ()
             if ns:
                 sparse = tuple(struct.iter_unpack("<qq", buf[q:q + 16 * ns]))
                 q += 16 * ns
-            if q != end:
+            if q != last:
                 raise ValueError(f"malformed scan record at byte {pos}")
-            tail = bytes(buf[p + plen:end])
+            tail = bytes(buf[p + plen:last])
         else:
-            if p + plen != end:
+            if p + plen != last:
                 raise ValueError(f"malformed scan record at byte {pos}")
-            path = buf[p:end].decode("utf-8", "surrogateescape")
+            path = buf[p:last].decode("utf-8", "surrogateescape")
             link, xattrs, sparse, tail = "", {}, (), b""
         key = bytes(buf[pos + 4:pos + 48]) + bytes(buf[pos + 56:pos + 88]) + \
             bytes(buf[pos + 92:pos + 104]) + tail
+        data_offset = unpack_from("<q", buf, last)[0] if extra else -1
         append(factory(path, chr(typ), mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff,
-                       "sha256:" + dig.hex() if has_digest else None, link, xattrs, sparse, key))
+                       "sha256:" + dig.hex() if has_digest else None, link, xattrs, sparse, key,
+                       data_offset))
         pos = end
     return pos
 
@@ -364,8 +372,8 @@ def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearra
 
 
 def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
-         name: Optional[str] = None, factory: Optional[Callable[..., Any]] = None
-         ) -> Tuple[List[Any], Digests]:
+         name: Optional[str] = None, factory: Optional[Callable[..., Any]] = None,
+         offsets: bool = False) -> Tuple[List[Any], Digests]:
     """List the layer stream on in_fd without extracting it (lfs_scan).
 
     Returns the entries in archive order and the digests of the stream.  The C
@@ -373,19 +381,49 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
     that a helper thread drains and parses.  factory: called with a
     ScanEntry's fields, positionally, for each entry (in the helper thread,
     while the scan goes on); the list holds what it returns.  Default: ScanEntry.
+    offsets: give each non-sparse regular file's data_offset, and hash the
+    sparse ones even without hash (their data is not one range).
     """
     entries: List[Any] = []
     out = ffi.new("lfs_digests *")
     err = _new_error()
     make = factory or ScanEntry
+    flags = (SCAN_HASH if hash else 0) | \
+        (lib.LFS_SCAN_DATA_OFFSET | lib.LFS_SCAN_HASH_SPARSE if offsets else 0)
     rc, failure = _call_with_record_pipe(
-        lambda w: lib.lfs_scan(in_fd, w, compression, SCAN_HASH if hash else 0, out, err),
-        lambda buf, got: _parse_scan_records(buf, got, make), entries, "scan")
+        lambda w: lib.lfs_scan(in_fd, w, compression, flags, out, err),
+        lambda buf, got: _parse_scan_records(buf, got, make, offsets), entries, "scan")
     if rc < 0:
         _raise(rc, err, name)
     if failure:
         raise failure[0]
     return entries, _digests(out[0])
+
+
+def ranges_compare(fd_a: int, fd_b: int, jobs: Sequence[Tuple[int, int, int, int]],
+                   threads: int = 0) -> List[Tuple[bool, Optional[str], Optional[str]]]:
+    """For each job (offset a, length a, offset b, length b) -- byte ranges of
+    the files fd_a and fd_b, an offset < 0 for none: (same bytes, sha256 of
+    range a, of range b), the digests given when not the same and readable
+    (lfs_ranges_compare, pread on a few threads)."""
+    n = len(jobs)
+    if n == 0:
+        return []
+    arr = ffi.new("int64_t[]", [v for job in jobs for v in job])
+    result = ffi.new("unsigned char[]", n)
+    digests = ffi.new("unsigned char[]", 64 * n)
+    err = _new_error()
+    rc = lib.lfs_ranges_compare(fd_a, fd_b, arr, n, threads, result, digests, err)
+    if rc < 0:
+        _raise(rc, err)
+    res = bytes(ffi.buffer(result, n))
+    dig = bytes(ffi.buffer(digests, 64 * n))
+    out = []
+    for i, r in enumerate(res):
+        da = "sha256:" + dig[64 * i:64 * i + 32].hex() if r & lib.LFS_RANGE_DIGEST_A else None
+        db = "sha256:" + dig[64 * i + 32:64 * i + 64].hex() if r & lib.LFS_RANGE_DIGEST_B else None
+        out.append((bool(r & lib.LFS_RANGE_SAME), da, db))
+    return out
 
 
 class RecordInfo(NamedTuple):

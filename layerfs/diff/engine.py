@@ -31,8 +31,8 @@ from .. import _native
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
-from .sources import (COARSE, IMPLICIT, OPAQUE, DirectorySource, EntryMeta, LayerInfo, Source,
-                      SourceArg, open_source, parent_of, sort_key)
+from .sources import (COARSE, IMPLICIT, OPAQUE, DirectorySource, EntryMeta, LayerInfo,
+                      LayerStackSource, Source, SourceArg, open_source, parent_of, sort_key)
 from .trees import OVERLAY_PRIVATE_XATTRS, TreeChange, fds_equal
 
 KINDS = ("added", "deleted", "modified", "renamed")
@@ -279,11 +279,22 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
     byte_pairs = []
     hash_jobs = []
     done = a.content_equal.known
+    a_path = getattr(a.src, "data_path", None)
+    b_path = getattr(b.src, "data_path", None)
+    range_jobs = []
     for p in paths:
         ea = a.entries[p]
         if ea.type != "file" or p in done:
             continue
         eb = eb_map.get(p)
+        if ea.data is not None and eb is not None and eb.type == "file" and \
+                eb.data is not None and ea.digest is None and eb.digest is None and \
+                a_path is not None and b_path is not None and \
+                (ea.size != eb.size or ea.size > 0):
+            # both read in place: compare (same size) or hash both (the
+            # digests of a content change)
+            range_jobs.append((p, ea, eb))
+            continue
         if eb is None or eb.type != "file" or eb.size != ea.size or ea.size == 0:
             continue
         if ea.inode is not None and ea.inode == eb.inode:
@@ -298,6 +309,8 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
         elif eb.digest is None and eb.content is not None and ea.digest is not None:
             hash_jobs.append((b.src, eb))
     results = a.content_equal
+    if range_jobs:
+        _prefetch_ranges(results, a_path, b_path, range_jobs)
     native = getattr(_native, "files_equal", None)
     if not byte_pairs and not hash_jobs:
         return
@@ -320,6 +333,43 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
             pass
 
 
+def _range_chunk(a_path: str, b_path: str, chunk) -> List[bool]:
+    """Compare (or hash) one chunk of in-place pairs; digests go onto the entries."""
+    fa = os.open(a_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fb = os.open(b_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            got = _native.ranges_compare(fa, fb, [(ea.data, ea.size, eb.data, eb.size)
+                                                  for _, ea, eb in chunk])
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+    out = []
+    for (_, ea, eb), (same, da, db) in zip(chunk, got):
+        if da is not None and ea.digest is None:
+            ea.digest = da
+        if db is not None and eb.digest is None:
+            eb.digest = db
+        out.append(same)
+    return out
+
+
+def _prefetch_ranges(results: "_ContentResults", a_path: str, b_path: str, jobs) -> None:
+    """Pairs of files read in place, compared in chunks on a background thread
+    (the C comparison has its own threads) while the merge runs."""
+    if results.pool is None:
+        results.pool = concurrent.futures.ThreadPoolExecutor(1, "layerfs-content")
+    for k in range(0, len(jobs), _RANGE_CHUNK):
+        chunk = jobs[k:k + _RANGE_CHUNK]
+        fut = results.pool.submit(_range_chunk, a_path, b_path, chunk)
+        for i, (p, _, _) in enumerate(chunk):
+            results.pending[p] = (fut, i)
+
+
+_RANGE_CHUNK = 512
+
+
 def _same_content(a: _Side, b: _Side, ea: EntryMeta, eb: EntryMeta, opts: Options,
                   path: Optional[str] = None) -> bool:
     if ea.inode is not None and ea.inode == eb.inode:
@@ -334,7 +384,8 @@ def _same_content(a: _Side, b: _Side, ea: EntryMeta, eb: EntryMeta, opts: Option
         return True
     if ea.content is not None and eb.content is not None and _metadata_decides(ea, eb, opts):
         return True
-    if ea.digest is not None or eb.digest is not None:
+    if ea.digest is not None or eb.digest is not None or ea.data is not None or \
+            eb.data is not None:
         da, db = a.src.digest(ea), b.src.digest(eb)
         if da is None or db is None:
             return True   # one side cannot be read again: nothing more to tell
@@ -383,6 +434,8 @@ def compare_meta(a: _Side, b: _Side, path: str, ea: EntryMeta, eb: EntryMeta,
             f["hardlinks"] = (oa, ob)
     if t == "file" and "content" not in ign:
         if ea.size != eb.size or not _same_content(a, b, ea, eb, opts, path):
+            if a.content_equal.pending:
+                a.content_equal.get(path)       # its digests may be on their way
             f["content"] = (a.src.digest(ea), b.src.digest(eb))
     return f
 
@@ -394,6 +447,11 @@ def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_S
     plain directories not yet loaded: the new one is walked while the C core
     compares its files with the old one's (lfs_walk_compare)."""
     compared = None
+    if all(isinstance(s, LayerStackSource) and s.can_read_in_place() for s in (a, b)):
+        # two uncompressed layer files: contents compared in place (pread)
+        # where the metadata leaves a doubt, hashed only where they differ
+        a.read_in_place()
+        b.read_in_place()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         fa = pool.submit(a.entries)
         if (opts is not None and "content" not in opts.ignore and type(a) is DirectorySource
@@ -493,7 +551,19 @@ class Diff:
         if "content" not in opts.ignore:
             _prefetch_content(a, b, ka, opts)
         try:
-            yield from self._walk(a, b, ka, kb)
+            in_place = [s for s in (self.old, self.new)
+                        if getattr(s, "data_path", None) is not None]
+            if not in_place:
+                yield from self._walk(a, b, ka, kb)
+                return
+            # the digests of the files in the changes, read in place, in one go
+            changes = list(self._walk(a, b, ka, kb))
+            for s, side in ((self.old, "old"), (self.new, "new")):
+                if s in in_place:
+                    s.fill_digests([m for m in (getattr(c, side) for c in changes)
+                                    if m is not None and m.type == "file" and m.digest is None
+                                    and m.data is not None])
+            yield from changes
         finally:
             a.content_equal.close()
 

@@ -65,7 +65,7 @@ WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 
 
-_KEY_KEEPS = frozenset({"content", "link", "layer", "inode", "flags"})
+_KEY_KEEPS = frozenset({"content", "link", "layer", "inode", "flags", "data"})
 
 
 class EntryMeta:
@@ -83,17 +83,19 @@ class EntryMeta:
     source made of the record it read (everything above but content, link,
     layer, inode and flags), or None: two entries from the same kind of record
     with equal keys have the same metadata (a shortcut for the engine; unequal
-    keys tell nothing).
+    keys tell nothing); data: where a regular file's bytes start in the layer
+    file of a source that reads them there on demand (digest None until then).
     """
     __slots__ = ("type", "mode", "uid", "gid", "size", "mtime_ns", "linkname", "rdev",
-                 "xattrs", "digest", "content", "link", "layer", "inode", "flags", "key")
+                 "xattrs", "digest", "content", "link", "layer", "inode", "flags", "key",
+                 "data")
 
     def __init__(self, type: str, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0,
                  mtime_ns: int = 0, linkname: str = "", rdev: Optional[Tuple[int, int]] = None,
                  xattrs: Optional[Dict[str, bytes]] = None, digest: Optional[str] = None,
                  content: Optional[bytes] = None, link: Any = None, layer: Optional[int] = None,
                  inode: Optional[Tuple[int, int]] = None, flags: int = 0,
-                 key: Optional[bytes] = None):
+                 key: Optional[bytes] = None, data: Optional[int] = None):
         self.type = type
         self.mode = mode
         self.uid = uid
@@ -110,6 +112,7 @@ class EntryMeta:
         self.inode = inode
         self.flags = flags
         self.key = key
+        self.data = data
 
     def copy(self, **changes) -> "EntryMeta":
         m = EntryMeta.__new__(EntryMeta)
@@ -332,14 +335,20 @@ def _scan_meta(e: "_native.ScanEntry", layer: Optional[int]) -> EntryMeta:
                      e.xattrs or None, e.digest, None, None, layer, None, flags)
 
 
-def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None
-               ) -> List["_native.ScanEntry"]:
+def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None,
+               offsets: bool = False) -> List["_native.ScanEntry"]:
     """The entries of one layer blob (C core; content hashed, nothing extracted).
-    factory: see :func:`layerfs._native.scan`."""
+    factory: see :func:`layerfs._native.scan`; offsets: instead of hashing
+    the content, note where each (non-sparse) file's bytes start -- for an
+    uncompressed layer file read from its start."""
     src = layer.open()
     try:
         with _open_stream(src) as (fd, name):
-            entries, digests = _native.scan(fd, name=layer.name or name, factory=factory)
+            entries, digests = _native.scan(fd, name=layer.name or name, factory=factory,
+                                            hash=not offsets, offsets=offsets)
+            if offsets and digests.compression != "none":
+                raise ValueError(f"{layer.name}: compressed ({digests.compression}), "
+                                 "its content cannot be read in place")
     finally:
         close = getattr(src, "close", None)
         if close is not None:
@@ -369,7 +378,7 @@ def _classifier(index: int) -> Callable[..., Any]:
     types, new = _TAR_TYPES, EntryMeta
 
     def make(name, typ, mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff, digest, link,
-             xattrs, sparse, key):
+             xattrs, sparse, key, data_offset):
         path = norm_path(name)
         base = path[path.rfind("/") + 1:]
         if base.startswith(WH_PREFIX):
@@ -387,19 +396,20 @@ def _classifier(index: int) -> Callable[..., Any]:
                 link if t == "symlink" or t == "hardlink" else "",
                 (dmaj, dmin) if t == "char" or t == "block" else None,
                 xattrs or None, digest, None, None, index, None,
-                COARSE if mnsec == 0 else 0, key)
+                COARSE if mnsec == 0 else 0, key,
+                data_offset if data_offset >= 0 and t == "file" else None)
         if t == "hardlink":
             m.linkname = norm_path(m.linkname)
         return 0, path, m
     return make
 
 
-def scan_classified(layer: LayerInfo) -> _Classified:
+def scan_classified(layer: LayerInfo, offsets: bool = False) -> _Classified:
     """scan_layer, split as fold_layer needs it (in the scan's reader thread)."""
     whiteouts: List[str] = []
     opaques: List[str] = []
     items: List[Tuple[str, EntryMeta]] = []
-    for r in scan_layer(layer, _classifier(layer.index)):
+    for r in scan_layer(layer, _classifier(layer.index), offsets):
         if r is None:
             continue
         k = r[0]
@@ -843,6 +853,52 @@ class LayerStackSource(Source):
             layers = layers[:i + 1]
         self.layers = layers
         self.threads = max(1, threads)
+        self.data_path: Optional[str] = None   # read_in_place(): the layer file
+
+    def can_read_in_place(self) -> bool:
+        """Whether this is one uncompressed layer file whose file contents the
+        engine may read in place (pread) instead of hashing them all up front."""
+        if type(self) is not LayerStackSource or len(self.layers) != 1 or \
+                self._entries is not None:
+            return False
+        path = self.layers[0].open()
+        if not isinstance(path, str):
+            close = getattr(path, "close", None)
+            if close is not None:
+                close()
+            return False
+        try:
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    return False
+                head = f.read(6)
+        except OSError:
+            return False
+        return head[:2] != b"\x1f\x8b" and head[:4] != b"\x28\xb5\x2f\xfd"
+
+    def read_in_place(self) -> None:
+        """Load with each regular file's offset in the layer file instead of its
+        digest (EntryMeta.data); :meth:`digest` and :meth:`fill_digests` read
+        them on demand.  Only when :meth:`can_read_in_place`."""
+        self.data_path = self.layers[0].open()
+
+    def digest(self, meta: EntryMeta) -> Optional[str]:
+        if meta.digest is None and meta.data is not None:
+            self.fill_digests([meta])
+        return super().digest(meta)
+
+    def fill_digests(self, metas: List[EntryMeta]) -> None:
+        """Compute the missing digests of metas read in place (one C call)."""
+        todo = [m for m in metas if m.digest is None and m.data is not None]
+        if not todo or self.data_path is None:
+            return
+        fd = os.open(self.data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            got = _native.ranges_compare(fd, -1, [(m.data, m.size, -1, -1) for m in todo])
+        finally:
+            os.close(fd)
+        for m, (_, d, _) in zip(todo, got):
+            m.digest = d
 
     def scans(self, layers: Optional[List[LayerInfo]] = None, classified: bool = False
               ) -> Iterator[Tuple[LayerInfo, List["_native.ScanEntry"]]]:
@@ -869,9 +925,9 @@ class LayerStackSource(Source):
     def _load(self) -> Dict[str, EntryMeta]:
         if self.view == RAW:
             top = self.layers[-1]
-            return raw_layer_map(scan_classified(top), top.index)
+            return raw_layer_map(scan_classified(top, self.data_path is not None), top.index)
         if len(self.layers) == 1:
-            c = scan_classified(self.layers[0])
+            c = scan_classified(self.layers[0], self.data_path is not None)
             first = _fold_first(c, self.layers[0].index)
             if first is not None:
                 return first

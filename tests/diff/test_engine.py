@@ -283,3 +283,107 @@ def test_many_undecided_pairs_in_chunks(tmp_path):
     want = sorted((("M", f"/d{i % 7}/f{i:04d}", ["content"]) for i in range(700) if i % 97 == 0),
                   key=lambda t: t[1])
     assert got == want
+
+
+# ----------------------------------------------------------------- the fast paths agree with the slow ones
+
+def _records(d):
+    out = []
+    for c in d:
+        r = change_record(c)
+        r.pop("layer", None)
+        r.pop("old_layer", None)
+        out.append(r)
+    return out
+
+
+def _tar(tree: Path, out: Path, gz: bool = False) -> Path:
+    argv = ["tar", "--sort=name", "--numeric-owner", "--sparse", "--xattrs",
+            "--xattrs-include=*", "--format=posix", "-C", str(tree), "-cf", str(out), "."]
+    if gz:
+        argv.insert(1, "-z")
+    subprocess.run(argv, check=True)
+    return out
+
+
+def test_layer_files_read_in_place(tmp_path):
+    """Two uncompressed layer files: contents compared in place, hashed only
+    where needed -- the same change records as for their gzip copies, whose
+    contents are all hashed while they are scanned."""
+    a = tmp_path / "a"
+    for i in range(40):
+        mk(a, f"usr/share/f{i:02d}", b"%02d" % i * (100 + 50 * i), mtime_ns=100 * SECOND)
+    mk(a, "etc/same-size", b"abcdef", mtime_ns=100 * SECOND)
+    mk(a, "etc/grows", b"abc")
+    mk(a, "etc/mode", b"m" * 10)
+    mk(a, "etc/empty", b"")
+    mk(a, "old/name", b"renamed content" * 30)
+    mk(a, "gone/x", b"x" * 99)
+    mk(a, "links/one", b"hard" * 10)
+    os.link(a / "links/one", a / "links/two")
+    with open(a / "sparse", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"tail")
+    b = clone(a, tmp_path / "b")
+    mk(b, "etc/same-size", b"abcdeX", mtime_ns=100 * SECOND)
+    mk(b, "etc/grows", b"abcd")
+    os.chmod(b / "etc/mode", 0o600)
+    os.rename(b / "old/name", b / "old/moved")
+    shutil.rmtree(b / "gone")
+    mk(b, "new/dir/file", b"new" * 7)
+    mk(b, "new/dir/empty", b"")
+    os.unlink(b / "links/two")
+    mk(b, "usr/share/f07", b"!" + (b"07" * 450)[1:], mtime_ns=100 * SECOND)
+    with open(b / "sparse", "r+b") as f:
+        f.seek(1 << 19)
+        f.write(b"middle")
+    ta, tb = _tar(a, tmp_path / "a.tar"), _tar(b, tmp_path / "b.tar")
+    ga, gb = _tar(a, tmp_path / "a.tar.gz", True), _tar(b, tmp_path / "b.tar.gz", True)
+    for renames in (False, True):
+        d = compare(ta, tb, renames=renames)
+        in_place = _records(d)
+        assert d.old.data_path is not None and d.new.data_path is not None
+        hashed = _records(compare(ga, gb, renames=renames))
+        assert in_place == hashed
+    got = {r["path"]: r for r in in_place}
+    assert got["/etc/same-size"]["fields"].keys() == {"content"}
+    assert got["/usr/share/f07"]["fields"].keys() == {"content"}
+    assert got["/sparse"]["fields"].keys() >= {"content"}
+    assert got["/new/dir/file"]["digest"]["new"] is not None
+    assert "/etc/mode" in got and "/usr/share/f08" not in got
+    assert len([r for r in in_place if r["kind"] == "renamed"]) == 1
+
+
+def test_walk_compare(tmp_path):
+    """lfs_walk_compare: which pairs it compares, and what it says of them."""
+    import hashlib
+    from layerfs import _native
+    a, b = tmp_path / "a", tmp_path / "b"
+    mk(a, "same", b"12345", mtime_ns=10 * SECOND)
+    mk(b, "same", b"12345", mtime_ns=10 * SECOND)
+    mk(a, "differs", b"12345", mtime_ns=10 * SECOND)
+    mk(b, "differs", b"12346", mtime_ns=10 * SECOND)
+    mk(a, "sizes", b"1")
+    mk(b, "sizes", b"12")
+    mk(a, "trusted", b"aaa", mtime_ns=10 * SECOND + 5)
+    mk(b, "trusted", b"bbb", mtime_ns=10 * SECOND + 5)
+    mk(a, "empty", b"")
+    mk(b, "empty", b"")
+    mk(b, "only-b", b"x")
+    os.mkfifo(a / "fifo")                   # never opened: not a regular file
+    mk(b, "fifo", b"x")
+    os.symlink("same", a / "link")
+    mk(b, "link", b"12345")
+    (a / "d").mkdir()
+    entries, got = _native.walk_compare(str(b), str(a), trust_mtime=True)
+    assert {e.path for e in entries} >= {"same", "differs", "sizes", "only-b"}
+    sha = lambda data: "sha256:" + hashlib.sha256(data).hexdigest()   # noqa: E731
+    assert got["same"] == (True, None, None)
+    assert got["differs"] == (False, sha(b"12345"), sha(b"12346"))
+    assert got["sizes"] == (False, sha(b"1"), sha(b"12"))
+    assert "trusted" not in got                # equal mtimes with nanoseconds decide
+    assert set(got) == {"same", "differs", "sizes"}
+    _, got = _native.walk_compare(str(b), str(a), trust_mtime=False)
+    assert got["trusted"] == (False, sha(b"aaa"), sha(b"bbb"))
+    _, got = _native.walk_compare(str(a), str(a))
+    assert got == {}                           # one inode: nothing to read
