@@ -39,12 +39,13 @@ def chain_id(diff_ids: Iterable[str]) -> str:
 
 def chain_ids(diff_ids: Iterable[str]) -> List[str]:
     """The ChainID of every prefix of the stack: [ChainID(L0), ChainID(L0..L1), ...]."""
-    import hashlib              # only here: unpacking a layer never needs it
     out: List[str] = []
     for d in diff_ids:
         d = parse_digest(d)
-        out.append(d if not out else
-                   "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+        if out:
+            import hashlib      # here: a single layer (one unpack) never needs it
+            d = "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest()
+        out.append(d)
     return out
 
 
