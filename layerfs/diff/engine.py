@@ -367,7 +367,7 @@ def _prefetch_ranges(results: "_ContentResults", a_path: str, b_path: str, jobs)
             results.pending[p] = (fut, i)
 
 
-_RANGE_CHUNK = 512
+_RANGE_CHUNK = 1 << 20
 
 
 def _same_content(a: _Side, b: _Side, ea: EntryMeta, eb: EntryMeta, opts: Options,
