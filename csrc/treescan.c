@@ -567,6 +567,11 @@ static int cmp_offer(comparer *c, const char *rel, const struct stat *st, lfs_er
     j->size = size;
     memcpy(j->rel, rel, rl + 1);
     pthread_mutex_lock(&c->mu);
+    if (c->stop) {                            /* the workers gave up: no one to take it */
+        pthread_mutex_unlock(&c->mu);
+        free(j);
+        return 0;
+    }
     if (c->tail) c->tail->next = j;
     else c->head = j;
     c->tail = j;

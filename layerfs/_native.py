@@ -5,6 +5,7 @@ mapping; everything above this module works with paths, file objects and
 Python values.  cffi releases the GIL for the whole of each call.
 """
 import errno as _errno
+import fcntl
 import os
 import struct
 import threading
@@ -332,6 +333,9 @@ def _parse_scan_records(buf: bytearray, out: list, factory: Callable = ScanEntry
     return pos
 
 
+_PIPE_SIZE = 1 << 20
+
+
 def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearray, list], int],
                            entries: list, what: str) -> Tuple[int, List[BaseException]]:
     """Run call(write fd) -- a C call that writes records into a pipe -- in this
@@ -340,6 +344,11 @@ def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearra
     and the parse errors (the pipe is still drained after one)."""
     failure: List[BaseException] = []
     r, w = os.pipe()
+    try:
+        # room for a few record batches: the C side rarely waits for the parser
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass
 
     def reader() -> None:
         pending = bytearray()
