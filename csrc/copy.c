@@ -52,7 +52,7 @@ static void ctx_init(cctx *c, int flags, lfs_error *err)
     c->flags = flags;
     c->err = err;
     c->reflink = !(flags & LFS_COPY_NO_REFLINK);
-    c->cfr = 1;
+    c->cfr = c->reflink;          /* copy_file_range clones too on XFS and btrfs */
     c->sendfile = 1;
 }
 

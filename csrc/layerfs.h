@@ -133,7 +133,7 @@ int lfs_create(int root_fd, const lfs_change *changes, size_t nchanges, int out_
 
 #define LFS_COPY_NO_OWNER 1         /* do not chown */
 #define LFS_COPY_NO_XATTRS 2        /* do not copy xattrs */
-#define LFS_COPY_NO_REFLINK 4       /* never FICLONE */
+#define LFS_COPY_NO_REFLINK 4       /* share no blocks: no FICLONE, no copy_file_range */
 
 typedef struct lfs_copy_stats {
     uint64_t files;

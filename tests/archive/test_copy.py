@@ -431,3 +431,52 @@ def test_copy_tree_ignores_default_acl_of_destination(tmp_path):
     before = snapshot(src, include_root=True)
     copy_tree(src, parent / "dst")
     assert_same_tree(before, snapshot(parent / "dst", include_root=True))
+
+
+@pytest.fixture
+def xfs_reflink(tmp_path):
+    """A loop-mounted XFS made with reflink=1: FICLONE works there."""
+    img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    with open(img, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _shared_extents(p: Path) -> int:
+    """Extents filefrag reports as shared (the FIEMAP_EXTENT_SHARED flag)."""
+    out = subprocess.run(["filefrag", "-v", str(p)], capture_output=True, text=True,
+                         check=True).stdout
+    return sum(1 for line in out.splitlines() if "shared" in line)
+
+
+def test_reflink_on_a_filesystem_that_has_it(xfs_reflink):
+    """On XFS with reflink the copy clones the data (FICLONE): the blocks are
+    shared, not written again; holes, metadata and content are the same."""
+    src = xfs_reflink / "src"
+    build_every_type(src)
+    big = src / "big"
+    big.write_bytes(os.urandom(8 << 20))
+    settime(big)
+    before = snapshot(src, holes=True, include_root=True)
+    st = copy_tree(src, xfs_reflink / "dst")
+    assert st.reflinked >= 2                  # "big", and the plain files beside it
+    after = snapshot(xfs_reflink / "dst", holes=True, include_root=True)
+    assert_same_tree(before, after)
+    assert (xfs_reflink / "dst" / "big").read_bytes() == big.read_bytes()
+    assert _shared_extents(xfs_reflink / "dst" / "big") >= 1
+    assert _shared_extents(big) >= 1
+    # writing to the clone leaves the original alone
+    with open(xfs_reflink / "dst" / "big", "r+b") as f:
+        f.write(b"changed")
+    assert big.read_bytes()[:7] != b"changed"
+
+    # NO_REFLINK copies the bytes: nothing shared
+    one = copy_file(big, xfs_reflink / "plain", _native.COPY_NO_REFLINK)
+    assert one.reflinked == 0
+    assert _shared_extents(xfs_reflink / "plain") == 0
