@@ -1105,7 +1105,9 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
-static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+/* getxattr (name) or listxattr (name NULL) of ino where it lives: the size
+ * needed when size is 0, else the value or list. */
+static void reply_xattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     ufs *u = fuse_req_userdata(req);
     char path[PBUF], apath[PBUF + 512];
@@ -1116,49 +1118,26 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
         fuse_reply_err(req, -rc);
         return;
     }
-    if (size == 0) {
-        ssize_t n = lgetxattr(apath, name, NULL, 0);
-        if (n < 0) fuse_reply_err(req, errno);
-        else fuse_reply_xattr(req, (size_t)n);
-        return;
-    }
-    char *buf = malloc(size);
-    if (!buf) {
+    char *buf = NULL;
+    if (size && !(buf = malloc(size))) {
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    ssize_t n = lgetxattr(apath, name, buf, size);
+    ssize_t n = name ? lgetxattr(apath, name, buf, size) : llistxattr(apath, buf, size);
     if (n < 0) fuse_reply_err(req, errno);
+    else if (size == 0) fuse_reply_xattr(req, (size_t)n);
     else fuse_reply_buf(req, buf, (size_t)n);
     free(buf);
 }
 
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    reply_xattr(req, ino, name, size);
+}
+
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
-    ufs *u = fuse_req_userdata(req);
-    char path[PBUF], apath[PBUF + 512];
-    unsigned layer, ndl;
-    int rc = node_where(u, N(u, ino), path, &layer, &ndl);
-    if (rc >= 0) rc = abs_path(u, layer, path, apath, sizeof apath);
-    if (rc < 0) {
-        fuse_reply_err(req, -rc);
-        return;
-    }
-    if (size == 0) {
-        ssize_t n = llistxattr(apath, NULL, 0);
-        if (n < 0) fuse_reply_err(req, errno);
-        else fuse_reply_xattr(req, (size_t)n);
-        return;
-    }
-    char *buf = malloc(size);
-    if (!buf) {
-        fuse_reply_err(req, ENOMEM);
-        return;
-    }
-    ssize_t n = llistxattr(apath, buf, size);
-    if (n < 0) fuse_reply_err(req, errno);
-    else fuse_reply_buf(req, buf, (size_t)n);
-    free(buf);
+    reply_xattr(req, ino, NULL, size);
 }
 
 /* ------------------------------------------------------------ copy-up */
