@@ -16,6 +16,14 @@ inode); for regular files the content.  Directory mtimes only with
 directories, equal size and equal mtime with a non-zero sub-second part),
 else by reading the bytes.
 
+How the bytes are read, fastest first: two plain directories -- the new one
+is walked while C threads compare its files with the old one's
+(``lfs_walk_compare``), hashing those that differ; two uncompressed layer
+files -- scanned without hashing every file, the same-size contents compared
+in place with pread (``lfs_ranges_compare``) and hashed only where they
+differ or where a change record shows them; anything else -- digests from
+the scans, byte comparisons on a background thread, digests on demand.
+
 Shape of the answer: like :func:`~layerfs.diff.trees.compare_trees` — parents
 first, an added directory followed by every entry below it, a deleted
 directory as one record; with ``renames=True`` a deleted file and an added
