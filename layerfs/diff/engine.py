@@ -31,6 +31,7 @@ file with the same content (by digest, non-empty) become one "renamed" record.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import fnmatch
 import os
@@ -207,12 +208,16 @@ class _Side:
         self.content_equal = _ContentResults()       # path -> same bytes (prefetched)
 
     def groups(self) -> Dict[Any, List[str]]:
+        """link key -> the sorted paths of each group of two or more."""
         if self._groups is None:
+            counts = collections.Counter([m.link for m in self.entries.values()])
+            shared = {k for k, n in counts.items() if n > 1 and k is not None}
             g: Dict[Any, List[str]] = {}
-            for p, m in self.entries.items():
-                if m.link is not None:
-                    g.setdefault(m.link, []).append(p)
-            self._groups = {k: sorted(v) for k, v in g.items() if len(v) > 1}
+            if shared:
+                for p, m in self.entries.items():
+                    if m.link in shared:
+                        g.setdefault(m.link, []).append(p)
+            self._groups = {k: sorted(v) for k, v in g.items()}
         return self._groups
 
     def others(self, path: str, m: Optional[EntryMeta]) -> Tuple[str, ...]:
@@ -554,10 +559,15 @@ class Diff:
         opts = self.options
         a, b = _load_both(self.old, self.new, opts)
         self._sides = (a, b)
-        ka = list(a.entries) if self.old.in_order else sorted(a.entries, key=sort_key)
-        kb = list(b.entries) if self.new.in_order else sorted(b.entries, key=sort_key)
+        ka = list(a.entries)
         if "content" not in opts.ignore:
+            # started before the sorting: the comparisons run meanwhile (in
+            # the order of the old side, which for an unsorted source is
+            # nearly the merge's order anyway)
             _prefetch_content(a, b, ka, opts)
+        if not self.old.in_order:
+            ka.sort(key=sort_key)
+        kb = list(b.entries) if self.new.in_order else sorted(b.entries, key=sort_key)
         try:
             in_place = [s for s in (self.old, self.new)
                         if getattr(s, "data_path", None) is not None]
