@@ -263,8 +263,8 @@ class ScanEntry(NamedTuple):
     linkname: str                  # hardlink/symlink target, "" otherwise
     xattrs: Dict[str, bytes]       # name -> value, as the archive carries them
     sparse: Tuple[Tuple[int, int], ...] = ()   # (offset, length) data segments of a sparse file
-    key: bytes = b""               # the record's bytes for everything above but path and
-                                   # header_offset: equal keys, equal entries
+    key: Any = None                # everything above but path and header_offset, as one
+                                   # value: equal keys, equal entries
     data_offset: int = -1          # scan(offsets=True): where a non-sparse regular file's
                                    # data starts in the uncompressed stream; -1 otherwise
 
@@ -317,14 +317,13 @@ def _parse_scan_records(buf: bytearray, out: list, factory: Callable = ScanEntry
                 q += 16 * ns
             if q != last:
                 raise ValueError(f"malformed scan record at byte {pos}")
-            tail = bytes(buf[p + plen:last])
+            tail = bytes(buf[p + plen:last])        # link, xattrs, sparse map
         else:
             if p + plen != last:
                 raise ValueError(f"malformed scan record at byte {pos}")
             path = buf[p:last].decode("utf-8", "surrogateescape")
             link, xattrs, sparse, tail = "", {}, (), b""
-        key = bytes(buf[pos + 4:pos + 48]) + bytes(buf[pos + 56:pos + 88]) + \
-            bytes(buf[pos + 92:pos + 104]) + tail
+        key = (typ, has_digest, mode, uid, gid, size, msec, mnsec, dmaj, dmin, dig, tail)
         data_offset = unpack_from("<q", buf, last)[0] if extra else -1
         append(factory(path, chr(typ), mode, uid, gid, size, msec, mnsec, dmaj, dmin, hoff,
                        "sha256:" + dig.hex() if has_digest else None, link, xattrs, sparse, key,
@@ -496,8 +495,8 @@ class WalkEntry(NamedTuple):
     ino: int
     linkname: str                  # symlink target, "" otherwise
     xattrs: Dict[str, bytes]
-    key: bytes = b""               # the record's bytes for everything above but dev, ino and
-                                   # path: equal keys, equal entries (content aside)
+    key: Any = None                # everything above but dev, ino and path, as one value:
+                                   # equal keys, equal entries (content aside)
 
 
 def _parse_walk_records(buf: bytearray, out: list, factory: Callable = WalkEntry,
@@ -530,13 +529,14 @@ def _parse_walk_records(buf: bytearray, out: list, factory: Callable = WalkEntry
             path, link, xattrs, q = _record_names(buf, p, plen, llen, nx)
             if q != end:
                 raise ValueError(f"malformed walk record at byte {pos}")
-            key = bytes(buf[pos + 4:pos + 52]) + bytes(buf[p + plen:end])
+            key = (head, mode, uid, gid, nlink, size, msec, mnsec, dmaj, dmin,
+                   bytes(buf[p + plen:end]))
         else:
             if p + plen != end:
                 raise ValueError(f"malformed walk record at byte {pos}")
             path = buf[p:end].decode("utf-8", "surrogateescape")
             link, xattrs = "", {}
-            key = bytes(buf[pos + 4:pos + 52])
+            key = (head, mode, uid, gid, nlink, size, msec, mnsec, dmaj, dmin)
         append(factory(path, chr(head[0]), mode, uid, gid, nlink, size,
                        msec * 1_000_000_000 + mnsec, dmaj, dmin, dev, ino, link, xattrs, key))
         pos = end

@@ -79,7 +79,7 @@ class EntryMeta:
     the file to read it from (directory sources); link: hardlink group key
     (entries with the same key share one inode); layer: index of the layer
     that last wrote the entry (image sources); inode: (dev, ino) of a
-    directory source's entry; flags: IMPLICIT, OPAQUE, COARSE; key: bytes the
+    directory source's entry; flags: IMPLICIT, OPAQUE, COARSE; key: a value the
     source made of the record it read (everything above but content, link,
     layer, inode and flags), or None: two entries from the same kind of record
     with equal keys have the same metadata (a shortcut for the engine; unequal
@@ -95,7 +95,7 @@ class EntryMeta:
                  xattrs: Optional[Dict[str, bytes]] = None, digest: Optional[str] = None,
                  content: Optional[bytes] = None, link: Any = None, layer: Optional[int] = None,
                  inode: Optional[Tuple[int, int]] = None, flags: int = 0,
-                 key: Optional[bytes] = None, data: Optional[int] = None):
+                 key: Any = None, data: Optional[int] = None):
         self.type = type
         self.mode = mode
         self.uid = uid
