@@ -1019,29 +1019,6 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
 
 /* ---- whiteouts ---- */
 
-/* Open rel (symlink-free, relative) beneath dfd, one O_NOFOLLOW step at a time. */
-static int open_beneath(int dfd, const char *rel)
-{
-    int fd = openat(dfd, ".", DIR_FLAGS);
-    if (fd < 0) return -errno;
-    char comp[NAME_MAX + 1];
-    while (*rel) {
-        const char *s = rel;
-        while (*rel && *rel != '/') rel++;
-        size_t n = (size_t)(rel - s);
-        if (*rel) rel++;
-        if (n == 0 || n > NAME_MAX) { close(fd); return -ENAMETOOLONG; }
-        memcpy(comp, s, n);
-        comp[n] = 0;
-        int nfd = openat(fd, comp, DIR_FLAGS | O_NOFOLLOW);
-        int er = errno;
-        close(fd);
-        if (nfd < 0) return -er;
-        fd = nfd;
-    }
-    return fd;
-}
-
 struct strbuf {
     char *p;
     size_t len, cap;
@@ -1077,7 +1054,7 @@ static int prune(ctx *c, int dfd, const char *d, size_t dn)
         char *rel = c->rel;
         memcpy(rel, work.p + wi, rl + 1);       /* work.p moves as it grows */
         wi += rl + 1;
-        int fd = open_beneath(dfd, rel);
+        int fd = lfs_open_dir_beneath(dfd, rel, rl, c->use_openat2);
         if (fd < 0) {
             if (fd == -ENOENT || fd == -ENOTDIR || fd == -ELOOP) continue;
             rc = efail(c, -fd, d, "cannot open '%s' in the opaque directory", rel);

@@ -53,6 +53,37 @@ int lfs_has_openat2(void)
     return 1;
 }
 
+int lfs_open_dir_beneath(int dfd, const char *rel, size_t len, int use_openat2)
+{
+    char path[LFS_PATH_MAX];
+    if (len >= sizeof path) return -ENAMETOOLONG;
+    memcpy(path, rel, len);
+    path[len] = 0;
+    if (use_openat2) {
+        int fd = sys_openat2(dfd, len ? path : ".", DIR_FLAGS,
+                             RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS);
+        if (fd >= 0 || (fd != -ENOSYS && fd != -EPERM)) return fd;
+    }
+    int fd = openat(dfd, ".", DIR_FLAGS);
+    if (fd < 0) return -errno;
+    for (char *p = path; *p;) {
+        char *s = p;
+        while (*p && *p != '/') p++;
+        size_t n = (size_t)(p - s);
+        if (*p) *p++ = 0;
+        if (n == 0 || n > NAME_MAX) {
+            close(fd);
+            return n ? -ENAMETOOLONG : -EINVAL;
+        }
+        int nfd = openat(fd, s, DIR_FLAGS | O_NOFOLLOW);
+        int er = errno;
+        close(fd);
+        if (nfd < 0) return -er;
+        fd = nfd;
+    }
+    return fd;
+}
+
 /* Give a directory made on the way its fixed mode (umask-independent) and owner. */
 static int fix_new_dir(int fd, uid_t uid, gid_t gid)
 {

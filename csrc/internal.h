@@ -190,6 +190,11 @@ int lfs_open_dir_in_root(int root_fd, const char *path, int create, lfs_error *e
  * leave them as made).  Made directories always get mode 0755. */
 int lfs_open_dir_in_root_ex(int root_fd, const char *path, int create, int use_openat2,
                             uid_t uid, gid_t gid, lfs_error *err);
+/* Open the directory rel[0..len) beneath dfd (len 0: dfd itself, as a new fd)
+ * following no symlink and no "..": fd or -errno (ELOOP: a symlink on the way).
+ * One openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) call when use_openat2 and
+ * the kernel has it, else one O_NOFOLLOW step per component. */
+int lfs_open_dir_beneath(int dfd, const char *rel, size_t len, int use_openat2);
 /* rm -rf of dirfd/name, never following symlinks; a missing name is not an error. */
 int lfs_remove_at(int dirfd, const char *name, lfs_error *err);
 /* write(2) / pwrite(2) all n bytes, retrying on EINTR and short writes: 0 or -errno. */

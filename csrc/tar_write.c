@@ -26,7 +26,6 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
-#include <linux/openat2.h>
 
 #define OUTBUF_SIZE (1u << 20)      /* output buffer; also the largest read */
 #define OPEN_DEPTH 48               /* directory fds kept open while walking */
@@ -1028,47 +1027,6 @@ static int normalise(const char *in, char **out)
     return 0;
 }
 
-static long sys_openat2(int dirfd, const char *path, struct open_how *how)
-{
-#ifdef SYS_openat2
-    return syscall(SYS_openat2, dirfd, path, how, sizeof *how);
-#else
-    errno = ENOSYS;
-    return -1;
-#endif
-}
-
-/* Open the directory root/dir (len bytes of dir), never following symlinks. */
-static int open_beneath(int root_fd, const char *dir, size_t len)
-{
-    char *d = strndup(dir, len);
-    if (!d) { errno = ENOMEM; return -1; }
-    struct open_how how;
-    memset(&how, 0, sizeof how);
-    how.flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC;
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-    long fd = sys_openat2(root_fd, d, &how);
-    if (fd >= 0 || (errno != ENOSYS && errno != EPERM)) {
-        int e = errno;
-        free(d);
-        errno = e;
-        return (int)fd;
-    }
-    /* No openat2: one component at a time. */
-    int cur = root_fd;
-    char *save = NULL;
-    for (char *c = strtok_r(d, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
-        int nfd = openat(cur, c, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        int e = errno;
-        if (cur != root_fd) close(cur);
-        if (nfd < 0) { free(d); errno = e; return -1; }
-        cur = nfd;
-    }
-    free(d);
-    if (cur == root_fd) return openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    return cur;
-}
-
 typedef struct pcache {
     lfs_strbuf dir;                   /* path of the cached parent */
     int fd;                       /* -1: none; root_fd is never cached */
@@ -1081,9 +1039,9 @@ static int parent_fd(tw *t, pcache *pc, const char *path, size_t plen)
     if (pc->fd >= 0 && pc->dir.len == plen && memcmp(pc->dir.p, path, plen) == 0) return pc->fd;
     if (pc->fd >= 0) close(pc->fd);
     pc->fd = -1;
-    int fd = open_beneath(t->root_fd, path, plen);
+    int fd = lfs_open_dir_beneath(t->root_fd, path, plen, 1);
     if (fd < 0) {
-        int e = errno;
+        int e = -fd;
         char *d = strndup(path, plen);
         int rc = tw_fail(t, e, d ? d : path, "opening the directory: %s", strerror(e));
         free(d);

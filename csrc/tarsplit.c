@@ -604,32 +604,6 @@ out:
     return w;
 }
 
-/* Open rel (relative, symlink-free as walked) beneath top, never following symlinks. */
-static int open_rel(int top, const char *rel)
-{
-    int fd = openat(top, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    char comp[NAME_MAX + 1];
-    while (*rel) {
-        const char *s = rel;
-        while (*rel && *rel != '/') rel++;
-        size_t n = (size_t)(rel - s);
-        if (*rel) rel++;
-        if (n == 0 || n > NAME_MAX) {
-            close(fd);
-            return -ENAMETOOLONG;
-        }
-        memcpy(comp, s, n);
-        comp[n] = 0;
-        int nfd = openat(fd, comp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        int er = errno;
-        close(fd);
-        if (nfd < 0) return -er;
-        fd = nfd;
-    }
-    return fd;
-}
-
 /* Capture every live operation whose inode is beneath the directory dirfd/name. */
 static int capture_tree(lfs_rec *r, int dirfd, const char *name, lfs_error *err)
 {
@@ -649,7 +623,7 @@ static int capture_tree(lfs_rec *r, int dirfd, const char *name, lfs_error *err)
         }
         memcpy(rel, work.p + wi, rl + 1);
         wi += rl + 1;
-        int fd = open_rel(top, rel);
+        int fd = lfs_open_dir_beneath(top, rel, rl, 0);
         if (fd < 0) {
             free(rel);
             if (fd == -ENOENT || fd == -ENOTDIR || fd == -ELOOP || fd == -EACCES) continue;
