@@ -375,6 +375,20 @@ typedef struct eq_job {
     atomic_size_t next;
 } eq_job;
 
+/* Open path for reading if it is (still) a regular file: never follows a
+ * symlink, never waits on a fifo, never keeps a device open; -1 otherwise. */
+static int open_regular(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) return -1;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 static ssize_t read_full(int fd, unsigned char *p, size_t n)
 {
     size_t got = 0;
@@ -393,9 +407,9 @@ static ssize_t read_full(int fd, unsigned char *p, size_t n)
 static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
                                 unsigned char *bb)
 {
-    int fa = open(a, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fa = open_regular(a);
     if (fa < 0) return 0;
-    int fb = open(b, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fb = open_regular(b);
     if (fb < 0) {
         close(fa);
         return 0;
@@ -420,9 +434,9 @@ static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
 static unsigned char equal_sized(const char *a, const char *b, off_t size, unsigned char *ba,
                                  unsigned char *bb)
 {
-    int fa = open(a, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fa = open_regular(a);
     if (fa < 0) return 0;
-    int fb = open(b, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fb = open_regular(b);
     if (fb < 0) {
         close(fa);
         return 0;
@@ -583,7 +597,7 @@ static int cmp_offer(comparer *c, const char *rel, const struct stat *st, lfs_er
 /* sha256 of the file at path into out; 0, or -1 when it cannot be read. */
 static int hash_path(const char *path, unsigned char *buf, unsigned char out[32])
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = open_regular(path);
     if (fd < 0) return -1;
     lfs_sha256 h = {0};
     int r = lfs_sha256_init(&h) < 0 ? -1 : 0;
