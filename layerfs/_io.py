@@ -11,7 +11,7 @@ import io
 import os
 import threading
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Iterator, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, BinaryIO]
@@ -82,10 +82,7 @@ def open_source(source: Source) -> Iterator[Tuple[int, str]]:
                 except (OSError, ValueError):
                     pass
         return
-    rfd, wfd = os.pipe()
-    failure = []
-
-    def feed():
+    def feed(wfd: int) -> None:
         try:
             while True:
                 chunk = source.read(_CHUNK)
@@ -97,20 +94,9 @@ def open_source(source: Source) -> Iterator[Tuple[int, str]]:
                     view = view[n:]
         except BrokenPipeError:
             pass  # the reader stopped early; its own error says why
-        except BaseException as e:  # noqa: BLE001 - reported after the C call
-            failure.append(e)
-        finally:
-            os.close(wfd)
 
-    t = threading.Thread(target=feed, name="layerfs-feed", daemon=True)
-    t.start()
-    try:
+    with _pumped_pipe(feed, reader=True, name="layerfs-feed") as rfd:
         yield rfd, name
-    finally:
-        os.close(rfd)
-        t.join()
-    if failure:
-        raise failure[0]
 
 
 @contextmanager
@@ -138,33 +124,47 @@ def open_output(output) -> Iterator[Tuple[int, str]]:
         output.flush()
         yield fd, name
         return
-    rfd, wfd = os.pipe()
-    failure = []
-
-    def drain():
+    def drain(rfd: int) -> None:
         try:
             while True:
                 chunk = os.read(rfd, _CHUNK)
                 if not chunk:
                     break
                 output.write(chunk)
-        except BaseException as e:  # noqa: BLE001
-            failure.append(e)
-            # keep draining so the writer never blocks forever
-            while os.read(rfd, _CHUNK):
+        except BaseException:
+            while os.read(rfd, _CHUNK):     # keep draining: the writer never blocks forever
                 pass
-        finally:
-            os.close(rfd)
+            raise
 
-    t = threading.Thread(target=drain, name="layerfs-drain", daemon=True)
+    with _pumped_pipe(drain, reader=False, name="layerfs-drain") as wfd:
+        yield wfd, name
+
+
+@contextmanager
+def _pumped_pipe(pump: Callable[[int], None], *, reader: bool, name: str) -> Iterator[int]:
+    """A pipe whose other end pump(fd) serves in a thread: yield the read end
+    (reader) or the write end; afterwards join the thread and raise its error."""
+    rfd, wfd = os.pipe()
+    mine, theirs = (rfd, wfd) if reader else (wfd, rfd)
+    failure: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            pump(theirs)
+        except BaseException as e:  # noqa: BLE001 - raised after the caller's block
+            failure.append(e)
+        finally:
+            os.close(theirs)
+
+    t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     try:
-        yield wfd, name
+        yield mine
     finally:
-        os.close(wfd)
+        os.close(mine)
         t.join()
-    if failure:
-        raise failure[0]
+        if failure:     # the cause of whatever the block raised, if it raised
+            raise failure[0]
 
 
 class ThreadPipeReader(io.RawIOBase):

@@ -968,3 +968,64 @@ def test_directory_times_stay_with_their_directory(tmp_path, whiteouts):
     assert os.path.islink(dest / "d")
     assert os.lstat(dest / "a" / "a").st_mtime_ns == 0
     assert os.lstat(dest / "a").st_mtime_ns == 0
+
+
+# ------------------------------------------------- file objects without an fd
+
+class _Failing(io.RawIOBase):
+    """A stream whose read or write fails after some bytes."""
+
+    def __init__(self, data: bytes = b"", after: int = 0):
+        self.data, self.after, self.done = data, after, 0
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def readinto(self, b):
+        if self.done >= self.after:
+            raise OSError(5, "source went away")
+        n = min(len(b), self.after - self.done, len(self.data) - self.done)
+        b[:n] = self.data[self.done:self.done + n]
+        self.done += n
+        return n
+
+    def write(self, b):
+        if self.done >= self.after:
+            raise OSError(28, "sink is full")
+        self.done += len(b)
+        return len(b)
+
+
+def test_create_into_a_file_object_matches_a_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"f{i}").write_bytes(os.urandom(3000 + i))
+    for comp in ("none", "gzip", "zstd"):
+        buf = io.BytesIO()
+        a = create_layer(src, buf, compression=comp, source_date_epoch=0)
+        b = create_layer(src, tmp_path / f"l.{comp}", compression=comp, source_date_epoch=0)
+        assert buf.getvalue() == (tmp_path / f"l.{comp}").read_bytes()
+        assert a.digest == b.digest == "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def test_error_of_a_source_object_is_raised_and_nothing_is_left(tmp_path):
+    blob = sample_layer()[0]
+    dest = tmp_path / "d"
+    with pytest.raises(OSError) as ei:
+        apply_layer(io.BufferedReader(_Failing(blob, after=len(blob) // 2)), dest)
+    assert "source went away" in str(ei.value)       # the cause, not the truncation it made
+    assert not dest.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_error_of_an_output_object_is_raised(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(4 << 20))
+    with pytest.raises(OSError) as ei:
+        create_layer(src, _Failing(after=1 << 20))
+    assert "sink is full" in str(ei.value)
