@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import fnmatch
+import gc
 import os
 
 from .. import _native
@@ -455,6 +457,20 @@ def compare_meta(a: _Side, b: _Side, path: str, ea: EntryMeta, eb: EntryMeta,
 
 # ----------------------------------------------------------------- the merge
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while the entry maps are built: tens of
+    thousands of new objects, none in a cycle, would otherwise make it walk
+    every tracked object again and again.  Reference counting still frees."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_Side, _Side]:
     """Build both maps, at the same time (the C scans release the GIL).  Two
     plain directories not yet loaded: the new one is walked while the C core
@@ -557,7 +573,8 @@ class Diff:
 
     def _merge(self) -> Iterator[Change]:
         opts = self.options
-        a, b = _load_both(self.old, self.new, opts)
+        with _collector_paused():
+            a, b = _load_both(self.old, self.new, opts)
         self._sides = (a, b)
         ka = list(a.entries)
         if "content" not in opts.ignore:
@@ -724,7 +741,8 @@ class Diff:
             if not self.options.renames:
                 yield from self._merge()
                 return
-            changes = self._with_renames(list(self._merge()))
+            with _collector_paused():
+                changes = self._with_renames(list(self._merge()))
         finally:
             self.close()
         yield from changes
