@@ -382,16 +382,10 @@ def parse_manifest(data: bytes, where: Where, media_type: Optional[str] = None) 
     """Parse and check an image manifest (OCI or Docker v2 schema 2)."""
     doc = parse_json(data, where, "manifest")
     _check_schema(doc, where, "manifest")
-    mt = doc.get("mediaType")
-    if mt is not None:
-        if not isinstance(mt, str):
-            raise where.error("must be a string", "mediaType")
-        if media_type in MANIFEST_TYPES and mt != media_type:
-            raise where.error(f"manifest says {mt!r} but its descriptor says {media_type!r}",
-                              "mediaType")
-    elif media_type:
+    mt = _own_media_type(doc, where, "manifest", media_type, MANIFEST_TYPES)
+    if mt is None and media_type:
         mt = media_type
-    else:
+    elif mt is None:
         cfg = doc.get("config")
         mt = DOCKER_MANIFEST if isinstance(cfg, dict) and \
             cfg.get("mediaType") == DOCKER_CONFIG else OCI_MANIFEST
@@ -402,41 +396,51 @@ def parse_manifest(data: bytes, where: Where, media_type: Optional[str] = None) 
     if "manifests" in doc and "layers" not in doc:
         raise where.error("this is an index, not a manifest", "manifests")
     config = Descriptor.from_json(doc.get("config"), where, "config")
-    layers_json = doc.get("layers")
-    if not isinstance(layers_json, list):
-        raise where.error("must be a list of descriptors", "layers")
-    layers = [Descriptor.from_json(d, where, f"layers[{i}]") for i, d in enumerate(layers_json)]
-    ann = doc.get("annotations")
-    if ann is not None and not isinstance(ann, dict):
-        raise where.error("must be an object", "annotations")
+    layers = _descriptor_list(doc, where, "layers")
     subject = doc.get("subject")
     subject = Descriptor.from_json(subject, where, "subject") if subject is not None else None
-    return Manifest(mt, config, layers, ann or None, subject)
+    return Manifest(mt, config, layers, _annotations(doc, where), subject)
 
 
 def parse_index(data: bytes, where: Where, media_type: Optional[str] = None) -> Index:
     """Parse and check an image index (OCI) or manifest list (Docker)."""
     doc = parse_json(data, where, "index")
     _check_schema(doc, where, "index")
-    mt = doc.get("mediaType")
-    if mt is not None:
-        if not isinstance(mt, str):
-            raise where.error("must be a string", "mediaType")
-        if media_type in INDEX_TYPES and mt != media_type:
-            raise where.error(f"index says {mt!r} but its descriptor says {media_type!r}",
-                              "mediaType")
-    else:
+    mt = _own_media_type(doc, where, "index", media_type, INDEX_TYPES)
+    if mt is None:
         mt = media_type or OCI_INDEX
     if mt not in INDEX_TYPES:
         raise where.error(f"{mt!r} is not an index media type", "mediaType")
-    ms = doc.get("manifests")
-    if not isinstance(ms, list):
-        raise where.error("must be a list of descriptors", "manifests")
-    manifests = [Descriptor.from_json(d, where, f"manifests[{i}]") for i, d in enumerate(ms)]
+    return Index(mt, _descriptor_list(doc, where, "manifests"), _annotations(doc, where))
+
+
+def _own_media_type(doc: Dict[str, Any], where: Where, what: str, media_type: Optional[str],
+                    types) -> Optional[str]:
+    """The document's own mediaType (None if absent); it must agree with the
+    descriptor's when that names a type of this kind."""
+    mt = doc.get("mediaType")
+    if mt is None:
+        return None
+    if not isinstance(mt, str):
+        raise where.error("must be a string", "mediaType")
+    if media_type in types and mt != media_type:
+        raise where.error(f"{what} says {mt!r} but its descriptor says {media_type!r}",
+                          "mediaType")
+    return mt
+
+
+def _descriptor_list(doc: Dict[str, Any], where: Where, key: str) -> List[Descriptor]:
+    items = doc.get(key)
+    if not isinstance(items, list):
+        raise where.error("must be a list of descriptors", key)
+    return [Descriptor.from_json(d, where, f"{key}[{i}]") for i, d in enumerate(items)]
+
+
+def _annotations(doc: Dict[str, Any], where: Where) -> Optional[Dict[str, str]]:
     ann = doc.get("annotations")
     if ann is not None and not isinstance(ann, dict):
         raise where.error("must be an object", "annotations")
-    return Index(mt, manifests, ann or None)
+    return ann or None
 
 
 @dataclass(frozen=True)
