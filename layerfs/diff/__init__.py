@@ -20,7 +20,6 @@ from .sources import (DirectorySource, EntryMeta, LayerInfo, LayerStackSource,
                       OverlayUpperSource, Source, empty_source, layer_stack, open_source,
                       register_transport)
 from .engine import Change, Diff, Options, Summary, as_layer_changes, compare, tree_changes
-from .layers import LayerReport, StackReport, analyze_layers
 
 __all__ = ["OVERLAY_PRIVATE_XATTRS", "TreeChange", "compare_entries", "compare_trees",
            "path_key", "read_xattrs", "same_content", "type_name", "with_parents",
@@ -28,3 +27,11 @@ __all__ = ["OVERLAY_PRIVATE_XATTRS", "TreeChange", "compare_entries", "compare_t
            "LayerStackSource", "Options", "OverlayUpperSource", "Source", "StackReport",
            "Summary", "analyze_layers", "as_layer_changes", "compare", "empty_source",
            "layer_stack", "open_source", "register_transport", "tree_changes"]
+
+
+def __getattr__(name: str):
+    # the per-layer report is imported on first use (the diff command does not need it)
+    if name in ("LayerReport", "StackReport", "analyze_layers"):
+        from . import layers
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,11 +32,12 @@ file with the same content (by digest, non-empty) become one "renamed" record.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import fnmatch
 import gc
 import os
+import queue
+import threading
 
 from .. import _native
 from dataclasses import dataclass, field
@@ -257,6 +258,78 @@ def files_equal(pa: bytes, pb: bytes, size: int) -> bool:
         os.close(fa)
 
 
+class _Task:
+    """The result of a call made on another thread (a small future)."""
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _in_thread(fn, *args) -> _Task:
+    """fn(*args) on a new thread."""
+    task = _Task()
+    threading.Thread(target=task._run, args=(fn, args), name="layerfs-diff",
+                     daemon=True).start()
+    return task
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _SerialWorker:
+    """One background thread running the submitted calls in order."""
+
+    def __init__(self, name: str):
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._cancel = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            task, fn, args = item
+            if self._cancel:
+                task._error = _Cancelled()
+                task._done.set()
+                continue
+            task._run(fn, args)
+
+    def submit(self, fn, *args) -> _Task:
+        task = _Task()
+        self._queue.put((task, fn, args))
+        return task
+
+    def shutdown(self, cancel: bool = True) -> None:
+        """Stop after the call under way (the queued ones are dropped with cancel)."""
+        self._cancel = cancel
+        self._queue.put(None)
+        self._thread.join()
+
+
 class _ContentResults:
     """Content decisions computed ahead of the merge, in path order, in chunks
     on a background thread (the C comparison releases the GIL): the merge
@@ -264,8 +337,8 @@ class _ContentResults:
 
     def __init__(self):
         self.known: Dict[str, bool] = {}
-        self.pending: Dict[str, Tuple[concurrent.futures.Future, int]] = {}
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.pending: Dict[str, Tuple[_Task, int]] = {}
+        self.pool: Optional[_SerialWorker] = None
 
     def get(self, path: str) -> Optional[bool]:
         v = self.known.get(path)
@@ -277,7 +350,7 @@ class _ContentResults:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(cancel=True)
             self.pool = None
 
 
@@ -333,13 +406,14 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
         return
     if native is not None:
         # one thread feeding chunks to the C comparison (which has its own threads)
-        results.pool = concurrent.futures.ThreadPoolExecutor(1, "layerfs-content")
+        results.pool = _SerialWorker("layerfs-content")
         for k in range(0, len(byte_pairs), _PIPELINE_CHUNK):
             chunk = byte_pairs[k:k + _PIPELINE_CHUNK]
             fut = results.pool.submit(native, [(pa, pb) for _, pa, pb, _ in chunk], threads)
             for i, (p, _, _, _) in enumerate(chunk):
                 results.pending[p] = (fut, i)
         byte_pairs = []
+    import concurrent.futures     # only without the C comparison
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for (p, _, _, _), eq in zip(byte_pairs, pool.map(lambda t: files_equal(*t[1:]),
                                                           byte_pairs, chunksize=16)):
@@ -374,7 +448,7 @@ def _prefetch_ranges(results: "_ContentResults", a_path: str, b_path: str, jobs)
     """Pairs of files read in place, compared in chunks on a background thread
     (the C comparison has its own threads) while the merge runs."""
     if results.pool is None:
-        results.pool = concurrent.futures.ThreadPoolExecutor(1, "layerfs-content")
+        results.pool = _SerialWorker("layerfs-content")
     for k in range(0, len(jobs), _RANGE_CHUNK):
         chunk = jobs[k:k + _RANGE_CHUNK]
         fut = results.pool.submit(_range_chunk, a_path, b_path, chunk)
@@ -481,18 +555,17 @@ def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_S
         # where the metadata leaves a doubt, hashed only where they differ
         a.read_in_place()
         b.read_in_place()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        fa = pool.submit(a.entries)
+    fa = _in_thread(a.entries)
+    try:
         if (opts is not None and "content" not in opts.ignore and type(a) is DirectorySource
                 and type(b) is DirectorySource and b._entries is None
                 and hasattr(_native, "walk_compare")):
-            fb = pool.submit(b.load_compared, a, "mtime" not in opts.ignore)
+            compared = b.load_compared(a, "mtime" not in opts.ignore)
         else:
-            fb = None
             b.entries()
-        fa.result()
-        if fb is not None:
-            compared = fb.result()
+    finally:
+        fa.wait()
+    fa.result()
     sa, sb = _Side(a), _Side(b)
     if compared is not None:
         known = sa.content_equal.known

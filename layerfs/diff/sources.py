@@ -34,13 +34,11 @@ Memory is O(entries): each entry is one slotted :class:`EntryMeta`.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import io
 import os
 import re
 import stat
-import tarfile
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set,
                     Tuple, Union)
 
@@ -911,6 +909,7 @@ class LayerStackSource(Source):
             for l in layers:
                 yield l, scan(l)
             return
+        import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
             futs = [pool.submit(scan, l) for l in layers[:self.threads]]
             nxt = len(futs)
@@ -1297,6 +1296,7 @@ def detect_file(path: str, budget: int = 200, compressed_bytes: int = 8 << 20) -
 
 def _tarfile_detect(path: str, budget: int = 200, compressed_bytes: int = 8 << 20) -> str:
     """detect_file by Python's tarfile (every format it reads)."""
+    import tarfile
     with open(path, "rb") as raw:
         head = raw.read(6)
         raw.seek(0)
