@@ -20,8 +20,18 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
+
+/* listxattrat(2) (Linux 6.13): the xattr names of dirfd/name, without the
+ * path walk llistxattr does for every entry.  Where the kernel (or a seccomp
+ * filter) refuses it, the walk falls back to llistxattr. */
+#if defined(SYS_listxattrat)
+#define LFS_NR_LISTXATTRAT SYS_listxattrat
+#elif defined(__x86_64__) || defined(__aarch64__)
+#define LFS_NR_LISTXATTRAT 465
+#endif
 
 /* ---------------------------------------------------------------- output buffer */
 
@@ -89,9 +99,28 @@ typedef struct walker {
     size_t xval_cap;
     lfs_error *err;
     struct comparer *cmp;         /* lfs_walk_compare: regular files go to it, or NULL */
+    int dfd;                      /* the current entry's directory, or -1: use path */
+    const char *name;             /* the current entry's name in dfd */
+    int rfd;                      /* lfs_walk_compare: the same directory under the
+                                     reference root; -1: by path; -2: it has none */
+    int no_xattrat;               /* listxattrat refused: llistxattr only */
 } walker;
 
-static int cmp_offer(struct comparer *c, const char *rel, const struct stat *st, lfs_error *err);
+static int cmp_offer(struct comparer *c, const char *rel, int rfd, const char *name,
+                     const struct stat *st, lfs_error *err);
+
+static ssize_t llistxattr_entry(walker *w, char *buf, size_t cap)
+{
+#ifdef LFS_NR_LISTXATTRAT
+    if (w->dfd >= 0 && !w->no_xattrat) {
+        ssize_t n = (ssize_t)syscall(LFS_NR_LISTXATTRAT, w->dfd, w->name,
+                                     (unsigned)AT_SYMLINK_NOFOLLOW, buf, cap);
+        if (n >= 0 || (errno != ENOSYS && errno != EPERM && errno != EINVAL)) return n;
+        w->no_xattrat = 1;
+    }
+#endif
+    return llistxattr(w->path, buf, cap);
+}
 
 static char type_char(mode_t m)
 {
@@ -112,12 +141,12 @@ static char type_char(mode_t m)
 static ssize_t list_xattrs(walker *w)
 {
     for (;;) {
-        ssize_t n = llistxattr(w->path, w->xnames, w->xnames_cap);
+        ssize_t n = llistxattr_entry(w, w->xnames, w->xnames_cap);
         if (n >= 0) return n;
         if (errno == ENOTSUP || errno == ENOENT) return 0;
         if (errno != ERANGE)
             return lfs_fail(w->err, errno, -1, w->path, NULL, "listing xattrs");
-        ssize_t need = llistxattr(w->path, NULL, 0);
+        ssize_t need = llistxattr_entry(w, NULL, 0);
         if (need < 0)
             return lfs_fail(w->err, errno, -1, w->path, NULL, "listing xattrs");
         size_t cap = (size_t)need + 256;
@@ -163,7 +192,8 @@ static int emit_entry(walker *w, const struct stat *st)
     char link[PATH_MAX];
     size_t link_len = 0;
     if (S_ISLNK(st->st_mode)) {
-        ssize_t n = readlink(w->path, link, sizeof link);
+        ssize_t n = w->dfd >= 0 ? readlinkat(w->dfd, w->name, link, sizeof link)
+                                : readlink(w->path, link, sizeof link);
         if (n < 0) {
             if (errno == ENOENT) return 1;
             return lfs_fail(w->err, errno, -1, w->path, NULL, "reading symlink");
@@ -228,8 +258,8 @@ static int emit_entry(walker *w, const struct stat *st)
     uint32_t len = (uint32_t)(w->out.len - start - 4);
     memcpy(w->out.p + start, &len, 4);
     memcpy(w->out.p + nx_at, &nx, 4);
-    if (w->cmp && S_ISREG(st->st_mode))
-        return cmp_offer(w->cmp, rel, st, w->err);
+    if (w->cmp && S_ISREG(st->st_mode) && w->rfd != -2)
+        return cmp_offer(w->cmp, rel, w->rfd, w->name, st, w->err);
     return 0;
 }
 
@@ -239,11 +269,16 @@ static int cmp_names(const void *a, const void *b)
 }
 
 /* Sorted names of the directory at w->path (without "." and ".."). */
-static int read_names(walker *w, char ***out, size_t *count)
+static int read_names(walker *w, int dfd, char ***out, size_t *count)
 {
     *out = NULL;
     *count = 0;
-    DIR *d = opendir(w->path);
+    DIR *d = NULL;
+    if (dfd >= 0) {
+        int fd = fcntl(dfd, F_DUPFD_CLOEXEC, 0);
+        if (fd >= 0 && !(d = fdopendir(fd))) close(fd);
+    }
+    if (!d) d = opendir(w->path);
     if (!d) {
         if (errno == ENOENT || errno == ENOTDIR) return 0;
         return lfs_fail(w->err, errno, -1, w->path, NULL, "opening directory");
@@ -283,12 +318,56 @@ static int read_names(walker *w, char ***out, size_t *count)
     return 0;
 }
 
+/* The directory at path (O_PATH would do for the *at calls, but the names
+ * are read from it too); -1 with errno when it cannot be opened. */
+static int open_dir(const char *path)
+{
+    return open(*path ? path : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+}
+
+static const char *cmp_ref_root(struct comparer *c, size_t *len);
+
+/* lfs_walk_compare: the directory under the reference root at the walked
+ * directory's relative path (w->path): an fd, -1 (use paths) or -2 (none). */
+static int open_ref_dir(walker *w)
+{
+    if (!w->cmp) return -1;
+    size_t rl;
+    const char *ref = cmp_ref_root(w->cmp, &rl);
+    const char *rel = w->path + w->root_len;
+    size_t n = strlen(rel);
+    char buf[PATH_MAX];
+    if (rl + n + 1 >= sizeof buf) return -1;
+    memcpy(buf, ref, rl);
+    memcpy(buf + rl, rel, n + 1);
+    int fd = open_dir(buf);
+    if (fd >= 0) return fd;
+    return errno == ENOENT || errno == ENOTDIR ? -2 : -1;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+/* The entries of the directory at w->path, and below.  Entries are looked at
+ * relative to the directory's fd (no path walk per entry); the fd is closed
+ * while a subdirectory is walked and opened again after it, so a walk holds
+ * two fds at most whatever the depth. */
 static int walk_dir(walker *w)
 {
+    int dfd = open_dir(w->path);
+    if (dfd < 0 && (errno == ENOENT || errno == ENOTDIR)) return 0;   /* gone */
+    int rfd = open_ref_dir(w);
     char **names;
     size_t n;
-    int rc = read_names(w, &names, &n);
-    if (rc < 0) return rc;
+    int rc = read_names(w, dfd, &names, &n);
+    if (rc < 0) {
+        close_fd(&dfd);
+        if (rfd >= 0) close(rfd);
+        return rc;
+    }
     size_t base = strlen(w->path);
     for (size_t i = 0; i < n && rc >= 0; i++) {
         size_t nl = strlen(names[i]);
@@ -299,16 +378,33 @@ static int walk_dir(walker *w)
         w->path[base] = '/';
         memcpy(w->path + base + 1, names[i], nl + 1);
         struct stat st;
-        if (lstat(w->path, &st) < 0) {
+        int sr = dfd >= 0 ? fstatat(dfd, names[i], &st, AT_SYMLINK_NOFOLLOW)
+                          : lstat(w->path, &st);
+        if (sr < 0) {
             if (errno == ENOENT) continue;          /* gone since readdir */
             rc = lfs_fail(w->err, errno, -1, w->path, NULL, "lstat");
             break;
         }
+        w->dfd = dfd;
+        w->name = names[i];
+        w->rfd = rfd;
         int e = emit_entry(w, &st);
+        w->dfd = -1;
         if (e < 0) { rc = e; break; }
-        if (e == 0 && S_ISDIR(st.st_mode)) rc = walk_dir(w);
+        if (e == 0 && S_ISDIR(st.st_mode)) {
+            close_fd(&dfd);
+            if (rfd >= 0) close(rfd);
+            rc = walk_dir(w);
+            w->path[base + 1 + nl] = 0;              /* back to this entry's path */
+            w->path[base] = 0;
+            dfd = open_dir(w->path);                 /* -1: by path from here on */
+            rfd = open_ref_dir(w);
+            w->path[base] = '/';
+        }
     }
     w->path[base] = 0;
+    close_fd(&dfd);
+    if (rfd >= 0) close(rfd);
     for (size_t i = 0; i < n; i++) free(names[i]);
     free(names);
     return rc;
@@ -334,6 +430,8 @@ static int walk_tree(walker *w, const char *root)
     if (lstat(rl ? w->path : "/", &st) < 0) return lfs_fail(err, errno, -1, root, NULL, "lstat");
     if (!S_ISDIR(st.st_mode)) return lfs_fail(err, ENOTDIR, -1, root, NULL, "not a directory");
     int rc;
+    w->dfd = -1;
+    w->rfd = -2;                                     /* the roots are not compared */
     if (rl == 0) {                                   /* the root "/" itself */
         w->path[0] = '/', w->path[1] = 0;
         rc = emit_entry(w, &st);
@@ -559,12 +657,23 @@ static int join_path(char *buf, const char *base, size_t base_len, const char *r
     return 0;
 }
 
-static int cmp_offer(comparer *c, const char *rel, const struct stat *st, lfs_error *err)
+static const char *cmp_ref_root(comparer *c, size_t *len)
+{
+    *len = c->ref_len;
+    return c->ref;
+}
+
+static int cmp_offer(comparer *c, const char *rel, int rfd, const char *name,
+                     const struct stat *st, lfs_error *err)
 {
     char ref[PATH_MAX];
     struct stat rs;
-    if (join_path(ref, c->ref, c->ref_len, rel) < 0) return 0;
-    if (lstat(ref, &rs) < 0 || !S_ISREG(rs.st_mode)) return 0;
+    if (rfd >= 0) {
+        if (fstatat(rfd, name, &rs, AT_SYMLINK_NOFOLLOW) < 0) return 0;
+    } else {
+        if (join_path(ref, c->ref, c->ref_len, rel) < 0 || lstat(ref, &rs) < 0) return 0;
+    }
+    if (!S_ISREG(rs.st_mode)) return 0;
     off_t size = st->st_size;
     if (rs.st_size != size) {
         size = -1;
