@@ -473,11 +473,11 @@ typedef struct eq_job {
     atomic_size_t next;
 } eq_job;
 
-/* Open path for reading if it is (still) a regular file: never follows a
+/* Open dfd/name for reading if it is (still) a regular file: never follows a
  * symlink, never waits on a fifo, never keeps a device open; -1 otherwise. */
-static int open_regular(const char *path)
+static int open_regular_at(int dfd, const char *name)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
+    int fd = openat(dfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
     if (fd < 0) return -1;
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
@@ -485,6 +485,11 @@ static int open_regular(const char *path)
         return -1;
     }
     return fd;
+}
+
+static int open_regular(const char *path)
+{
+    return open_regular_at(AT_FDCWD, path);
 }
 
 static ssize_t read_full(int fd, unsigned char *p, size_t n)
@@ -527,18 +532,11 @@ static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
     return same;
 }
 
-/* Whether the files a and b, both `size` bytes long by lstat, hold the same
- * bytes: reads exactly that much of each (no read to find the end). */
-static unsigned char equal_sized(const char *a, const char *b, off_t size, unsigned char *ba,
-                                 unsigned char *bb)
+/* Whether two open files, both `size` bytes long by lstat, hold the same bytes:
+ * reads exactly that much of each (no read to find the end); closes both. */
+static unsigned char equal_fds(int fa, int fb, off_t size, unsigned char *ba,
+                               unsigned char *bb)
 {
-    int fa = open_regular(a);
-    if (fa < 0) return 0;
-    int fb = open_regular(b);
-    if (fb < 0) {
-        close(fa);
-        return 0;
-    }
     unsigned char same = 1;
     while (size > 0) {
         size_t want = size > EQ_CHUNK ? EQ_CHUNK : (size_t)size;
@@ -739,6 +737,58 @@ static void cmp_fail(comparer *c, const lfs_error *e, int rc)
     pthread_mutex_unlock(&c->mu);
 }
 
+/* A worker's last directory on one side: the jobs come in walk order, so
+ * most files are opened relative to it (no path walk from the root). */
+typedef struct dir_cache {
+    char rel[PATH_MAX];           /* its path relative to the root */
+    size_t len;                   /* of rel */
+    int fd;                       /* O_PATH, or -1 */
+} dir_cache;
+
+static int cached_dir(dir_cache *dc, const char *base, size_t base_len, const char *rel,
+                      size_t dlen)
+{
+    if (dc->fd >= 0 && dc->len == dlen && memcmp(dc->rel, rel, dlen) == 0) return dc->fd;
+    if (dc->fd >= 0) close(dc->fd);
+    dc->fd = -1;
+    char path[PATH_MAX];
+    if (base_len + 1 + dlen >= sizeof path) return -1;
+    memcpy(path, base, base_len);
+    size_t n = base_len;
+    if (dlen) {
+        path[n++] = '/';
+        memcpy(path + n, rel, dlen);
+        n += dlen;
+    }
+    path[n] = 0;
+    int fd = open(n ? path : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    memcpy(dc->rel, rel, dlen);
+    dc->len = dlen;
+    dc->fd = fd;
+    return fd;
+}
+
+/* Compare the job's two files, opened relative to the cached directories. */
+static unsigned char cmp_job_equal(comparer *c, const cmp_job *j, dir_cache *ca, dir_cache *cb,
+                                   unsigned char *ba, unsigned char *bb)
+{
+    const char *slash = strrchr(j->rel, '/');
+    size_t dlen = slash ? (size_t)(slash - j->rel) : 0;
+    const char *name = slash ? slash + 1 : j->rel;
+    int da = cached_dir(ca, c->ref, c->ref_len, j->rel, dlen);
+    int db = cached_dir(cb, c->root, c->root_len, j->rel, dlen);
+    if (da < 0 || db < 0) return 0;
+    int fa = open_regular_at(da, name);
+    if (fa < 0) return 0;
+    int fb = open_regular_at(db, name);
+    if (fb < 0) {
+        close(fa);
+        return 0;
+    }
+    return equal_fds(fa, fb, j->size, ba, bb);
+}
+
 static void *cmp_worker(void *arg)
 {
     comparer *c = arg;
@@ -748,8 +798,12 @@ static void *cmp_worker(void *arg)
     unsigned char *ba = malloc(EQ_CHUNK), *bb = malloc(EQ_CHUNK);
     out.p = malloc(out.cap);
     char pa[PATH_MAX], pb[PATH_MAX];
+    dir_cache *ca = malloc(sizeof *ca), *cb = malloc(sizeof *cb);
+    if (ca) ca->fd = -1;
+    if (cb) cb->fd = -1;
     int rc = 0;
-    if (!ba || !bb || !out.p) rc = lfs_fail(&err, ENOMEM, -1, NULL, NULL, "out of memory");
+    if (!ba || !bb || !out.p || !ca || !cb)
+        rc = lfs_fail(&err, ENOMEM, -1, NULL, NULL, "out of memory");
     for (;;) {
         pthread_mutex_lock(&c->mu);
         if (rc < 0) c->stop = 1;
@@ -764,7 +818,7 @@ static void *cmp_worker(void *arg)
         unsigned char same = 0, has = 0, dig[64];
         if (join_path(pa, c->ref, c->ref_len, j->rel) == 0 &&
             join_path(pb, c->root, c->root_len, j->rel) == 0) {
-            same = j->size < 0 ? 0 : equal_sized(pa, pb, j->size, ba, bb);
+            same = j->size < 0 ? 0 : cmp_job_equal(c, j, ca, cb, ba, bb);
             if (!same && hash_path(pa, ba, dig) == 0 && hash_path(pb, ba, dig + 32) == 0)
                 has = 1;
         }
@@ -783,6 +837,10 @@ static void *cmp_worker(void *arg)
     }
     if (rc == 0) rc = wb_flush(&out, &err);
     if (rc < 0) cmp_fail(c, &err, rc);
+    if (ca && ca->fd >= 0) close(ca->fd);
+    if (cb && cb->fd >= 0) close(cb->fd);
+    free(ca);
+    free(cb);
     free(out.p);
     free(ba);
     free(bb);
