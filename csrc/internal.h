@@ -74,6 +74,17 @@ ssize_t lfs_src_chunk(lfs_src *s, const unsigned char **p, size_t max, lfs_error
 /* Copying read: fills buf with exactly n bytes unless the stream ends first.
  * Returns bytes read (short only at end of stream), <0 error. */
 ssize_t lfs_src_read(lfs_src *s, void *buf, size_t n, lfs_error *err);
+/* lfs_src_open with flags: LFS_SRC_NO_HASH computes no digest (lfs_src_finish
+ * gives zeros); LFS_SRC_SEEK, for plain (uncompressed) input on a regular file,
+ * makes lfs_src_skip seek over bytes instead of reading them, and reads in the
+ * caller's thread. */
+#define LFS_SRC_NO_HASH 1u
+#define LFS_SRC_SEEK 2u
+int lfs_src_open_ex(lfs_src **out, int fd, int compression, int threads, unsigned flags,
+                    lfs_error *err);
+/* Pass over n bytes of the decompressed stream: bytes skipped (fewer only at
+ * the end of the stream), <0 error. */
+ssize_t lfs_src_skip(lfs_src *s, uint64_t n, lfs_error *err);
 /* Bytes of the decompressed stream consumed so far. */
 uint64_t lfs_src_offset(const lfs_src *s);
 /* Read to the end (trailing padding counts toward the DiffID), finish both hashes. */

@@ -161,6 +161,9 @@ int lfs_remove_tree(int dirfd, const char *path, lfs_error *err);
 #define LFS_SCAN_HASH 1             /* compute sha256 of each regular file's content */
 #define LFS_SCAN_DATA_OFFSET 2      /* records end with the entry's data offset (below) */
 #define LFS_SCAN_HASH_SPARSE 4      /* compute sha256 of sparse regular files' content */
+#define LFS_SCAN_NO_STREAM_HASH 8   /* no digest of the whole stream (*out's are zeros); an
+                                       uncompressed regular file is then read only where
+                                       needed, the rest seeked over */
 
 /* Parse the layer on in_fd and write one binary record per entry to out_fd
  * (normally a pipe read by Python).  Record layout, little-endian, packed:

@@ -200,7 +200,9 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
     lfs_tar *t = NULL;
     outbuf o = {.fd = out_fd};
     int64_t hole_budget = HOLE_HASH_BUDGET;
-    int r = lfs_src_open(&src, in_fd, compression, 0, err);
+    int r = (flags & LFS_SCAN_NO_STREAM_HASH)
+        ? lfs_src_open_ex(&src, in_fd, compression, 0, LFS_SRC_NO_HASH | LFS_SRC_SEEK, err)
+        : lfs_src_open(&src, in_fd, compression, 0, err);
     if (r < 0) return r;
     r = lfs_tar_open(&t, src, NULL, err);
     if (r < 0) goto done;

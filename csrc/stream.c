@@ -88,6 +88,7 @@
 #define SRC_NBUF     4              /* decompressed buffers in flight (threaded) */
 #endif
 #define SRC_PEEK     LFS_BLOCK      /* bytes read before detecting the format */
+#define SRC_SEEK_READ (64u << 10)   /* seek mode: what is read at a time (the rest is seeked over) */
 
 #define SINK_BUF_CAP (1u << 20)     /* staging buffer (uncompressed) */
 #define SINK_OUT_CAP (1u << 20)     /* compressed output buffer */
@@ -216,6 +217,9 @@ struct lfs_src {
     int fd;
     int comp;                     /* LFS_COMP_* in use */
     int threaded;
+    int no_hash;                  /* LFS_SRC_NO_HASH: no digests */
+    int seek;                     /* LFS_SRC_SEEK in force: plain regular file, skips seek */
+    uint64_t seek_left;           /* seek: bytes of the file after what was read */
 
     /* ---- producer (the producer thread, or the caller's thread) ---- */
     unsigned char *raw[SRC_RAW_N];
@@ -293,7 +297,7 @@ static int hash_step(lfs_src *s)
     }
     *busy = 1;
     pthread_mutex_unlock(&s->mu);
-    lfs_sha256_update(h, p, n);
+    if (!s->no_hash) lfs_sha256_update(h, p, n);
     pthread_mutex_lock(&s->mu);
     *busy = 0;
     ++*seq;
@@ -544,6 +548,7 @@ static int fill_plain(lfs_src *s, unsigned char *out, size_t cap, size_t *np, lf
         if (r < 0) { rc = (int)r; break; }
         if (r == 0) { s->in_eof = 1; break; }
         s->raw_size += (uint64_t)r;
+        s->seek_left -= s->seek_left < (uint64_t)r ? s->seek_left : (uint64_t)r;
         n += (size_t)r;
     }
     s->produced += n;
@@ -621,7 +626,7 @@ static int src_next(lfs_src *s, lfs_error *err)
     s->cur_pos = s->cur_len = 0;
     if (!s->threaded) {
         if (s->p_done) return src_surface(s, err);
-        ssize_t n = src_fill(s, s->buf[0], SRC_BUF_CAP, &s->p_err);
+        ssize_t n = src_fill(s, s->buf[0], s->seek ? SRC_SEEK_READ : SRC_BUF_CAP, &s->p_err);
         if (n <= 0) {
             s->p_done = 1;
             s->p_rc = (int)n;
@@ -629,7 +634,7 @@ static int src_next(lfs_src *s, lfs_error *err)
         }
         s->cur = s->buf[0];
         s->cur_len = (size_t)n;
-        lfs_sha256_update(&s->h_tar, s->cur, s->cur_len);
+        if (!s->no_hash) lfs_sha256_update(&s->h_tar, s->cur, s->cur_len);
         s->tar_filled++;
         s->tar_hashed++;
         return 1;
@@ -686,6 +691,50 @@ ssize_t lfs_src_read(lfs_src *s, void *buf, size_t n, lfs_error *err)
     return (ssize_t)got;
 }
 
+ssize_t lfs_src_skip(lfs_src *s, uint64_t n, lfs_error *err)
+{
+    uint64_t done = 0;
+    if (s->seek) {
+        /* what is already in memory: the current buffer, then the format peek */
+        size_t k = s->cur_len - s->cur_pos;
+        if (k > n) k = (size_t)n;
+        s->cur_pos += k;
+        done += k;
+        if (done < n && s->in_pos < s->in_len) {
+            k = s->in_len - s->in_pos;
+            if (k > n - done) k = (size_t)(n - done);
+            s->in_pos += k;
+            s->produced += k;
+            done += k;
+        }
+        uint64_t rest = n - done;
+        if (rest > s->seek_left) rest = s->seek_left;
+        if (rest > 0) {
+            if (rest > (uint64_t)INT64_MAX || lseek(s->fd, (off_t)rest, SEEK_CUR) < 0) {
+                int e = rest > (uint64_t)INT64_MAX ? EOVERFLOW : errno;
+                return lfs_fail(err, e, -1, "", NULL, "seek failed at offset %llu: %s",
+                                (unsigned long long)s->raw_size, errstr(e));
+            }
+            s->raw_size += rest;
+            s->produced += rest;
+            s->seek_left -= rest;
+            done += rest;
+        }
+        s->consumed += done;
+        if (done < n && s->seek_left == 0) s->in_eof = 1;
+        return (ssize_t)(done > (uint64_t)SSIZE_MAX ? SSIZE_MAX : done);
+    }
+    while (done < n) {
+        const unsigned char *p;
+        uint64_t want = n - done;
+        ssize_t r = lfs_src_chunk(s, &p, want > SIZE_MAX ? SIZE_MAX : (size_t)want, err);
+        if (r < 0) return r;
+        if (r == 0) break;
+        done += (uint64_t)r;
+    }
+    return (ssize_t)(done > (uint64_t)SSIZE_MAX ? SSIZE_MAX : done);
+}
+
 uint64_t lfs_src_offset(const lfs_src *s)
 {
     return s->consumed;
@@ -693,6 +742,14 @@ uint64_t lfs_src_offset(const lfs_src *s)
 
 int lfs_src_finish(lfs_src *s, lfs_digests *out, lfs_error *err)
 {
+    if (!s->finished && s->seek) {
+        /* nothing to hash: what is left of the file is only counted */
+        s->produced += (s->in_len - s->in_pos) + s->seek_left;
+        s->raw_size += s->seek_left;
+        s->in_pos = s->in_len;
+        s->seek_left = 0;
+        s->in_eof = 1;
+    }
     if (!s->finished) {
         for (;;) {
             const unsigned char *p;
@@ -708,11 +765,13 @@ int lfs_src_finish(lfs_src *s, lfs_digests *out, lfs_error *err)
             pthread_mutex_unlock(&s->mu);
         }
         memset(&s->result, 0, sizeof s->result);
-        lfs_sha256_final(&s->h_tar, s->result.diff_id);
-        if (s->comp == LFS_COMP_NONE)
-            memcpy(s->result.digest, s->result.diff_id, 32);
-        else
-            lfs_sha256_final(&s->h_raw, s->result.digest);
+        if (!s->no_hash) {
+            lfs_sha256_final(&s->h_tar, s->result.diff_id);
+            if (s->comp == LFS_COMP_NONE)
+                memcpy(s->result.digest, s->result.diff_id, 32);
+            else
+                lfs_sha256_final(&s->h_raw, s->result.digest);
+        }
         s->result.compressed_size = s->raw_size;
         s->result.tar_size = s->produced;
         s->result.compression = s->comp;
@@ -742,6 +801,12 @@ static int src_init_decoder(lfs_src *s, lfs_error *err)
 
 int lfs_src_open(lfs_src **out, int fd, int compression, int threads, lfs_error *err)
 {
+    return lfs_src_open_ex(out, fd, compression, threads, 0, err);
+}
+
+int lfs_src_open_ex(lfs_src **out, int fd, int compression, int threads, unsigned flags,
+                    lfs_error *err)
+{
     *out = NULL;
     if (compression != LFS_COMP_AUTO && compression != LFS_COMP_NONE &&
         compression != LFS_COMP_GZIP && compression != LFS_COMP_ZSTD)
@@ -750,6 +815,7 @@ int lfs_src_open(lfs_src **out, int fd, int compression, int threads, lfs_error 
     if (!s) return lfs_fail(err, ENOMEM, -1, "", NULL, "out of memory");
     s->fd = fd;
     s->wake_fd = -1;
+    s->no_hash = (flags & LFS_SRC_NO_HASH) != 0;
     int rc;
     struct stat st;
     if (fstat(fd, &st) < 0) {
@@ -757,6 +823,11 @@ int lfs_src_open(lfs_src **out, int fd, int compression, int threads, lfs_error 
         rc = lfs_fail(err, e, -1, "", NULL, "fstat: %s", errstr(e));
         goto fail;
     }
+    off_t start = -1;
+    if ((flags & LFS_SRC_SEEK) && S_ISREG(st.st_mode) && (start = lseek(fd, 0, SEEK_CUR)) >= 0)
+        s->seek_left = st.st_size > start ? (uint64_t)(st.st_size - start) : 0;
+    else
+        start = -1;
     if (S_ISREG(st.st_mode)) (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     if ((rc = lfs_sha256_init(&s->h_raw)) || (rc = lfs_sha256_init(&s->h_tar))) {
         rc = lfs_fail(err, -rc, -1, "", NULL, "sha256 init failed");
@@ -783,6 +854,7 @@ int lfs_src_open(lfs_src **out, int fd, int compression, int threads, lfs_error 
             if (r == 0) s->in_eof = 1;
             s->in_len += (size_t)r;
             s->raw_size += (uint64_t)r;
+            s->seek_left -= s->seek_left < (uint64_t)r ? s->seek_left : (uint64_t)r;
         }
     }
     if (compression == LFS_COMP_AUTO) {
@@ -793,11 +865,15 @@ int lfs_src_open(lfs_src **out, int fd, int compression, int threads, lfs_error 
             goto fail;
         }
     }
+    if (start >= 0 && s->comp == LFS_COMP_NONE) {
+        s->seek = 1;            /* skips seek: read in this thread, no read-ahead */
+        s->threaded = 0;
+    }
     if (s->comp != LFS_COMP_NONE && s->in_len) {
         s->raw_len[0] = s->in_len;
         s->raw_read = 1;
         if (!s->threaded) {
-            lfs_sha256_update(&s->h_raw, s->raw[0], s->in_len);
+            if (!s->no_hash) lfs_sha256_update(&s->h_raw, s->raw[0], s->in_len);
             s->raw_hashed = 1;
         }
     }

@@ -65,8 +65,8 @@ def _new_error():
 
 
 class Digests(NamedTuple):
-    digest: str          # "sha256:<hex>" of the blob as read or written
-    diff_id: str         # "sha256:<hex>" of the uncompressed tar stream
+    digest: Optional[str]   # "sha256:<hex>" of the blob as read or written (None: not computed)
+    diff_id: Optional[str]  # "sha256:<hex>" of the uncompressed tar stream (None: not computed)
     compressed_size: int
     tar_size: int
     compression: str     # "none", "gzip" or "zstd"
@@ -381,7 +381,7 @@ def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearra
 
 def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
          name: Optional[str] = None, factory: Optional[Callable[..., Any]] = None,
-         offsets: bool = False) -> Tuple[List[Any], Digests]:
+         offsets: bool = False, stream_hash: bool = True) -> Tuple[List[Any], Digests]:
     """List the layer stream on in_fd without extracting it (lfs_scan).
 
     Returns the entries in archive order and the digests of the stream.  The C
@@ -391,13 +391,16 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
     while the scan goes on); the list holds what it returns.  Default: ScanEntry.
     offsets: give each non-sparse regular file's data_offset, and hash the
     sparse ones even without hash (their data is not one range).
+    stream_hash=False: the stream's digest and DiffID are not computed (None in
+    the result), and an uncompressed layer file is read only where needed.
     """
     entries: List[Any] = []
     out = ffi.new("lfs_digests *")
     err = _new_error()
     make = factory or ScanEntry
     flags = (SCAN_HASH if hash else 0) | \
-        (lib.LFS_SCAN_DATA_OFFSET | lib.LFS_SCAN_HASH_SPARSE if offsets else 0)
+        (lib.LFS_SCAN_DATA_OFFSET | lib.LFS_SCAN_HASH_SPARSE if offsets else 0) | \
+        (0 if stream_hash else lib.LFS_SCAN_NO_STREAM_HASH)
     rc, failure = _call_with_record_pipe(
         lambda w: lib.lfs_scan(in_fd, w, compression, flags, out, err),
         lambda buf, got: _parse_scan_records(buf, got, make, offsets), entries, "scan")
@@ -405,7 +408,10 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
         _raise(rc, err, name)
     if failure:
         raise failure[0]
-    return entries, _digests(out[0])
+    d = _digests(out[0])
+    if not stream_hash:
+        d = d._replace(digest=None, diff_id=None)
+    return entries, d
 
 
 def ranges_compare(fd_a: int, fd_b: int, jobs: Sequence[Tuple[int, int, int, int]],

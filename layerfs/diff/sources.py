@@ -157,8 +157,8 @@ class EntryMeta:
 
 class LayerInfo:
     """One layer of a stack: where it comes from and what the image says of it."""
-    __slots__ = ("index", "name", "digest", "diff_id", "size", "tar_size", "media_type",
-                 "created_by", "comment", "created", "_open")
+    __slots__ = ("index", "name", "_digest", "_diff_id", "size", "tar_size", "media_type",
+                 "created_by", "comment", "created", "_open", "_hash_later")
 
     def __init__(self, index: int, name: str, open: Callable[[], Any], *,
                  digest: Optional[str] = None, diff_id: Optional[str] = None,
@@ -168,8 +168,9 @@ class LayerInfo:
         self.index = index
         self.name = name
         self._open = open
-        self.digest = digest
-        self.diff_id = diff_id
+        self._digest = digest
+        self._diff_id = diff_id
+        self._hash_later: Optional[Callable[[], str]] = None
         self.size = size
         self.tar_size: Optional[int] = None
         self.media_type = media_type
@@ -180,6 +181,36 @@ class LayerInfo:
     def open(self):
         """A path or a binary stream of the layer blob (compressed or not)."""
         return self._open()
+
+    # An uncompressed layer read in place is not hashed by its scan: its digest
+    # (which is its DiffID) is computed when first asked for.
+    @property
+    def digest(self) -> Optional[str]:
+        if self._digest is None and self._hash_later is not None:
+            self._hash_now()
+        return self._digest
+
+    @digest.setter
+    def digest(self, value: Optional[str]) -> None:
+        self._digest = value
+
+    @property
+    def diff_id(self) -> Optional[str]:
+        if self._diff_id is None and self._hash_later is not None:
+            self._hash_now()
+        return self._diff_id
+
+    @diff_id.setter
+    def diff_id(self, value: Optional[str]) -> None:
+        self._diff_id = value
+
+    def _hash_now(self) -> None:
+        later, self._hash_later = self._hash_later, None
+        d = later()
+        if self._digest is None:
+            self._digest = d
+        if self._diff_id is None:
+            self._diff_id = d
 
     def as_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"index": self.index}
@@ -343,7 +374,8 @@ def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None,
     try:
         with _open_stream(src) as (fd, name):
             entries, digests = _native.scan(fd, name=layer.name or name, factory=factory,
-                                            hash=not offsets, offsets=offsets)
+                                            hash=not offsets, offsets=offsets,
+                                            stream_hash=not offsets)
             if offsets and digests.compression != "none":
                 raise ValueError(f"{layer.name}: compressed ({digests.compression}), "
                                  "its content cannot be read in place")
@@ -351,10 +383,14 @@ def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None,
         close = getattr(src, "close", None)
         if close is not None:
             close()
-    if layer.diff_id is None:
-        layer.diff_id = digests.diff_id
-    if layer.digest is None:
-        layer.digest = digests.digest
+    if digests.digest is None:
+        if layer._digest is None or layer._diff_id is None:
+            layer._hash_later = lambda: _hash_layer_blob(layer)
+    else:
+        if layer._diff_id is None:
+            layer.diff_id = digests.diff_id
+        if layer._digest is None:
+            layer.digest = digests.digest
     if layer.size is None:
         layer.size = digests.compressed_size
     layer.tar_size = digests.tar_size
@@ -400,6 +436,18 @@ def _classifier(index: int) -> Callable[..., Any]:
             m.linkname = norm_path(m.linkname)
         return 0, path, m
     return make
+
+
+def _hash_layer_blob(layer: LayerInfo) -> str:
+    """sha256 of an uncompressed layer blob: its digest and its DiffID."""
+    src = layer.open()
+    try:
+        with _open_stream(src) as (fd, name):
+            return _native.sha256_fd(fd, layer.name or name)[0]
+    finally:
+        close = getattr(src, "close", None)
+        if close is not None:
+            close()
 
 
 def scan_classified(layer: LayerInfo, offsets: bool = False) -> _Classified:

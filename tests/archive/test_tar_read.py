@@ -815,3 +815,72 @@ def test_sparse_holes_claiming_exabytes_are_refused_quickly(scan_bytes, scan_err
     # listing without content digests does not hash holes, so it is fine
     (entry,), _ = scan_bytes(sparse_pax("0,5", huge, b"hello"), hash=False)
     assert entry.size == huge
+
+
+# ------------------------------------------- seeking over data (no stream hash)
+
+def _scan_file(path, **kw):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _native.scan(fd, hash=False, offsets=True, name=os.fspath(path), **kw)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar", "oldgnu"])
+def test_seeking_scan_lists_what_the_reading_scan_lists(tmp_path, fmt):
+    """Without the stream hash an uncompressed layer file is seeked over: the
+    same entries, data offsets and sizes as the scan that reads every byte,
+    and the same errors at every cut."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i, size in enumerate([0, 1, 511, 512, 513, 65535, 65536, 65537, 300_000, 2 << 20]):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(size))
+    (src / "d" / "link").symlink_to("f1")
+    os.link(src / "d" / "f3", src / "d" / "hard")
+    with open(src / "sparse", "wb") as f:
+        f.seek(5 << 20)
+        f.write(b"end")
+    out = tmp_path / "l.tar"
+    sparse = [] if fmt == "ustar" else ["--sparse"]      # ustar has no sparse files
+    subprocess.run(["tar", f"--format={fmt}", *sparse, "-C", str(src), "-cf", str(out), "."],
+                   check=True)
+    read_e, read_d = _scan_file(out)
+    seek_e, seek_d = _scan_file(out, stream_hash=False)
+    assert seek_e == read_e
+    assert (seek_d.digest, seek_d.diff_id) == (None, None)
+    assert read_d.diff_id == "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
+    assert (seek_d.tar_size, seek_d.compressed_size) == (read_d.tar_size, read_d.compressed_size)
+    data = out.read_bytes()
+    for cut in sorted({len(data) // 7, len(data) // 3, len(data) // 2, len(data) - 3 * BLOCK,
+                       len(data) - 10}):
+        p = tmp_path / f"cut{cut}.tar"
+        p.write_bytes(data[:cut])
+        errs = []
+        for kw in ({}, {"stream_hash": False}):
+            try:
+                _scan_file(p, **kw)
+                errs.append(None)
+            except LayerError as e:
+                errs.append((e.errno, str(e)))
+        assert errs[0] == errs[1], cut
+
+
+def test_seeking_scan_of_a_stream_reads_it(tmp_path):
+    """A pipe cannot be seeked: the same scan reads it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(1 << 20))
+    out = tmp_path / "l.tar"
+    subprocess.run(["tar", "-C", str(src), "-cf", str(out), "."], check=True)
+    r, w = os.pipe()
+    import threading
+    t = threading.Thread(target=lambda: (os.write(w, out.read_bytes()), os.close(w)))
+    t.start()
+    try:
+        entries, d = _native.scan(r, hash=False, offsets=True, stream_hash=False)
+    finally:
+        t.join()
+        os.close(r)
+    assert [e.path for e in entries] == ["./", "./big"]
+    assert d.tar_size == out.stat().st_size and d.digest is None

@@ -437,8 +437,11 @@ def _gnu_tar(src: Path, out: Path, fmt: str, gz: bool = False) -> Path:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar", "v7"])
-@pytest.mark.parametrize("case", ["oci", "docker", "deep-oci", "late", "plain"])
+# v7 cannot hold names past 100 bytes: the long-name cases are not made in it
+@pytest.mark.parametrize("fmt,case", [
+    (f, c) for f in ("gnu", "pax", "ustar", "v7")
+    for c in ("oci", "docker", "deep-oci", "late", "plain")
+    if not (f == "v7" and c in ("deep-oci", "plain"))])
 @pytest.mark.parametrize("gz", [False, True])
 def test_detect_file_reads_headers_as_tarfile_does(tmp_path, fmt, case, gz):
     """detect_file reads the headers itself; tarfile's answer is the reference."""
@@ -463,8 +466,6 @@ def test_detect_file_reads_headers_as_tarfile_does(tmp_path, fmt, case, gz):
     else:
         for i in range(30):
             mk(src, f"{long_dir}/sub{i}/file", b"w" * 1000)
-    if fmt == "v7" and case in ("deep-oci", "plain"):
-        pytest.skip("v7 cannot hold long names")
     out = _gnu_tar(src, tmp_path / ("t.tar.gz" if gz else "t.tar"), fmt, gz)
     assert detect_file(str(out)) == _tarfile_detect(str(out))
     assert detect_file(str(out), budget=5) == _tarfile_detect(str(out), budget=5)
