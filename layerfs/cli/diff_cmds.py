@@ -71,6 +71,12 @@ def diff_cmd(ctx, old, new, as_json, json_lines, semantic, ignore, include, excl
         opts = engine.Options.make(ignore=ignore, include=include, exclude=exclude,
                                    dir_mtime=dir_mtime, renames=not no_renames,
                                    semantic=semantic)
+        if as_json or json_lines or layer_info:
+            # the output shows layer digests: a layer scanned without them (an
+            # uncompressed file read in place) is hashed alongside the comparison
+            for src in (a, b):
+                for layer in getattr(src, "layers", None) or ():
+                    layer.hash_early = True
         d = engine.compare_sources(a, b, opts)
         options = {"semantic": semantic, "ignore": sorted(opts.ignore) +
                    [f"xattr:{x}" for x in opts.ignore_xattrs], "include": list(include),

@@ -39,6 +39,7 @@ import io
 import os
 import re
 import stat
+import threading
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set,
                     Tuple, Union)
 
@@ -158,7 +159,7 @@ class EntryMeta:
 class LayerInfo:
     """One layer of a stack: where it comes from and what the image says of it."""
     __slots__ = ("index", "name", "_digest", "_diff_id", "size", "tar_size", "media_type",
-                 "created_by", "comment", "created", "_open", "_hash_later")
+                 "created_by", "comment", "created", "_open", "_hash_later", "hash_early")
 
     def __init__(self, index: int, name: str, open: Callable[[], Any], *,
                  digest: Optional[str] = None, diff_id: Optional[str] = None,
@@ -171,6 +172,9 @@ class LayerInfo:
         self._digest = digest
         self._diff_id = diff_id
         self._hash_later: Optional[Callable[[], str]] = None
+        # a scan that does not hash the layer starts hashing it in a thread at
+        # once (for output that will show the digest), rather than when asked
+        self.hash_early = False
         self.size = size
         self.tar_size: Optional[int] = None
         self.media_type = media_type
@@ -385,7 +389,8 @@ def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None,
             close()
     if digests.digest is None:
         if layer._digest is None or layer._diff_id is None:
-            layer._hash_later = lambda: _hash_layer_blob(layer)
+            layer._hash_later = _start_hash(layer) if layer.hash_early else \
+                (lambda: _hash_layer_blob(layer))
     else:
         if layer._diff_id is None:
             layer.diff_id = digests.diff_id
@@ -448,6 +453,27 @@ def _hash_layer_blob(layer: LayerInfo) -> str:
         close = getattr(src, "close", None)
         if close is not None:
             close()
+
+
+def _start_hash(layer: LayerInfo) -> Callable[[], str]:
+    """_hash_layer_blob in a thread of its own; the callable waits for it."""
+    out: List[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(_hash_layer_blob(layer))
+        except BaseException as e:  # noqa: BLE001 - raised by the waiter
+            out.append(e)
+
+    t = threading.Thread(target=run, name="layerfs-layer-hash", daemon=True)
+    t.start()
+
+    def wait() -> str:
+        t.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+    return wait
 
 
 def scan_classified(layer: LayerInfo, offsets: bool = False) -> _Classified:
