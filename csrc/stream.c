@@ -88,7 +88,9 @@
 #define SRC_NBUF     4              /* decompressed buffers in flight (threaded) */
 #endif
 #define SRC_PEEK     LFS_BLOCK      /* bytes read before detecting the format */
-#define SRC_SEEK_READ (64u << 10)   /* seek mode: what is read at a time (the rest is seeked over) */
+#define SRC_SEEK_READ (8u << 10)    /* seek mode: read at a time, the rest seeked over
+                                       (Debian layer scan: 4 KiB 10.0 ms, 8 KiB 10.6,
+                                       16 KiB 11.6, 64 KiB 13.9) */
 
 #define SINK_BUF_CAP (1u << 20)     /* staging buffer (uncompressed) */
 #define SINK_OUT_CAP (1u << 20)     /* compressed output buffer */

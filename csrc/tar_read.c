@@ -872,13 +872,17 @@ static int checksum_ok(const unsigned char *h)
 {
     int64_t stored;
     if (parse_num(h + H_CHKSUM, 8, &stored) < 0) return 0;
-    int64_t u = 0, s = 0;
-    for (int i = 0; i < LFS_BLOCK; i++) {
-        unsigned char c = (i >= H_CHKSUM && i < H_CHKSUM + 8) ? ' ' : h[i];
-        u += c;
-        s += (signed char)c;
+    /* the sums with the checksum field read as spaces: whole-block sums (loops
+     * the compiler vectorises) corrected for that field */
+    uint32_t u = 0;
+    int32_t s = 0;
+    for (int i = 0; i < LFS_BLOCK; i++) u += h[i];
+    for (int i = 0; i < LFS_BLOCK; i++) s += (signed char)h[i];
+    for (int i = H_CHKSUM; i < H_CHKSUM + 8; i++) {
+        u += (uint32_t)' ' - h[i];
+        s += ' ' - (signed char)h[i];
     }
-    return stored == u || stored == s;
+    return stored == (int64_t)u || stored == (int64_t)s;
 }
 
 static int pending_meta(const lfs_tar *t)
