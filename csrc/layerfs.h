@@ -203,6 +203,21 @@ int lfs_scan(int in_fd, int out_fd, int compression, int flags,
 int lfs_ranges_compare(int fd_a, int fd_b, const int64_t *jobs, size_t n, unsigned threads,
                        unsigned char *result, unsigned char *digests, lfs_error *err);
 
+/* Two uncompressed layer files, read headers only (data seeked over): every
+ * pair of non-sparse regular files with the same name (leading "./" and "/"
+ * stripped; names that need more normalising are left out; the last of a name
+ * in a) and the same size, compared as by lfs_ranges_compare.  out->jobs holds
+ * out->n x (off_a, len_a, off_b, len_b), out->result and out->digests as there.
+ * Free with lfs_pairs_free (also after an error). */
+typedef struct lfs_pairs {
+    int64_t *jobs;
+    unsigned char *result;
+    unsigned char *digests;
+    size_t n;
+} lfs_pairs;
+int lfs_layers_prematch(int fd_a, int fd_b, unsigned threads, lfs_pairs *out, lfs_error *err);
+void lfs_pairs_free(lfs_pairs *p);
+
 int lfs_has_openat2(void);
 
 /* ---- tar-split records (csrc/tarsplit.c) ----

@@ -373,3 +373,174 @@ int lfs_ranges_compare(int fd_a, int fd_b, const int64_t *jobs, size_t n, unsign
     if (fail) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing ranges");
     return 0;
 }
+
+/* ---- same-named files of two uncompressed layers, compared (lfs_layers_prematch) ---- */
+
+typedef struct pm_file {
+    const char *name;             /* normalised: no leading "./" or "/", no trailing "/" */
+    size_t len;
+    uint64_t hash;
+    int64_t off, size;
+} pm_file;
+
+typedef struct pm_side {
+    int fd;
+    pm_file *f;
+    size_t n, cap;
+    lfs_strbuf names;             /* the names, NUL-separated (offsets until the end) */
+    int rc;
+    lfs_error err;
+} pm_side;
+
+static uint64_t pm_hash(const char *s, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h ^ (h >> 29);
+}
+
+/* The name the diff engine gives p, when that takes no more than stripping
+ * ("./", "/", trailing "/"); 0 when it takes more (such entries are left to
+ * the caller's own comparison). */
+static int pm_name(const char *p, const char **s, size_t *n)
+{
+    if (p[0] == '.' && p[1] == '/') p += 2;
+    while (*p == '/') p++;
+    size_t len = strlen(p);
+    while (len && p[len - 1] == '/') len--;
+    if (!len) return 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] == '/' && i + 1 < len && p[i + 1] == '/') return 0;
+        if (p[i] == '.' && (i == 0 || p[i - 1] == '/')) {
+            size_t k = i + 1;
+            if (k < len && p[k] == '.') k++;
+            if (k == len || p[k] == '/') return 0;      /* "." or ".." component */
+        }
+    }
+    *s = p;
+    *n = len;
+    return 1;
+}
+
+/* Headers only (data seeked over): every non-sparse regular file with its name,
+ * data offset and size; a later entry of the same name is simply listed too. */
+static void *pm_scan(void *arg)
+{
+    pm_side *sd = arg;
+    lfs_src *src = NULL;
+    lfs_tar *t = NULL;
+    int r = lfs_src_open_ex(&src, sd->fd, LFS_COMP_NONE, 1, LFS_SRC_NO_HASH | LFS_SRC_SEEK,
+                            &sd->err);
+    if (r == 0) r = lfs_tar_open(&t, src, NULL, &sd->err);
+    while (r == 0) {
+        const lfs_entry *e;
+        r = lfs_tar_next(t, &e, &sd->err);
+        if (r <= 0) break;
+        r = 0;
+        const char *s;
+        size_t n;
+        if (e->type != LFS_T_REG || e->sparse || e->size <= 0 || !pm_name(e->path, &s, &n))
+            continue;
+        if (sd->n == sd->cap) {
+            size_t nc = sd->cap ? 2 * sd->cap : 1024;
+            pm_file *nf = realloc(sd->f, nc * sizeof *nf);
+            if (!nf) { r = lfs_fail(&sd->err, ENOMEM, -1, NULL, NULL, "out of memory"); break; }
+            sd->f = nf;
+            sd->cap = nc;
+        }
+        pm_file *f = &sd->f[sd->n];
+        f->name = (const char *)(uintptr_t)sd->names.len;     /* an offset for now */
+        f->len = n;
+        f->hash = pm_hash(s, n);
+        f->off = (int64_t)lfs_src_offset(src);
+        f->size = e->size;
+        if (lfs_sb_append(&sd->names, s, n) < 0 || lfs_sb_append(&sd->names, "", 1) < 0) {
+            r = lfs_fail(&sd->err, ENOMEM, -1, NULL, NULL, "out of memory");
+            break;
+        }
+        sd->n++;
+    }
+    lfs_tar_free(t);
+    lfs_src_free(src);
+    sd->rc = r < 0 ? r : 0;
+    if (sd->rc == 0)
+        for (size_t i = 0; i < sd->n; i++)
+            sd->f[i].name = sd->names.p + (uintptr_t)sd->f[i].name;
+    return NULL;
+}
+
+int lfs_layers_prematch(int fd_a, int fd_b, unsigned threads, lfs_pairs *out, lfs_error *err)
+{
+    memset(out, 0, sizeof *out);
+    pm_side sa = {.fd = fd_a}, sb = {.fd = fd_b};
+    sa.err.offset = sb.err.offset = -1;
+    pthread_t th;
+    int threaded = pthread_create(&th, NULL, pm_scan, &sa) == 0;
+    if (!threaded) pm_scan(&sa);
+    pm_scan(&sb);
+    if (threaded) pthread_join(th, NULL);
+    int rc = 0;
+    size_t cap = 1, *slot = NULL;
+    if (sa.rc < 0 || sb.rc < 0) {
+        *err = sa.rc < 0 ? sa.err : sb.err;
+        rc = sa.rc < 0 ? sa.rc : sb.rc;
+        goto done;
+    }
+    /* a's files by name (the last of a name wins, as when the layer is applied) */
+    while (cap < 2 * sa.n + 2) cap *= 2;
+    slot = malloc(cap * sizeof *slot);
+    out->jobs = malloc((sb.n ? sb.n : 1) * 4 * sizeof *out->jobs);
+    if (!slot || !out->jobs) { rc = lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory"); goto done; }
+    for (size_t i = 0; i < cap; i++) slot[i] = SIZE_MAX;
+    for (size_t i = 0; i < sa.n; i++) {
+        size_t k = (size_t)sa.f[i].hash & (cap - 1);
+        while (slot[k] != SIZE_MAX) {
+            pm_file *o = &sa.f[slot[k]];
+            if (o->hash == sa.f[i].hash && o->len == sa.f[i].len &&
+                memcmp(o->name, sa.f[i].name, o->len) == 0)
+                break;
+            k = (k + 1) & (cap - 1);
+        }
+        slot[k] = i;
+    }
+    for (size_t j = 0; j < sb.n; j++) {
+        pm_file *b = &sb.f[j];
+        size_t k = (size_t)b->hash & (cap - 1);
+        for (; slot[k] != SIZE_MAX; k = (k + 1) & (cap - 1)) {
+            pm_file *a = &sa.f[slot[k]];
+            if (a->hash != b->hash || a->len != b->len || memcmp(a->name, b->name, a->len) != 0)
+                continue;
+            if (a->size == b->size) {
+                int64_t *q = out->jobs + 4 * out->n++;
+                q[0] = a->off, q[1] = a->size, q[2] = b->off, q[3] = b->size;
+            }
+            break;
+        }
+    }
+    out->result = malloc(out->n ? out->n : 1);
+    out->digests = malloc(64 * (out->n ? out->n : 1));
+    if (!out->result || !out->digests) {
+        rc = lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
+        goto done;
+    }
+    rc = lfs_ranges_compare(fd_a, fd_b, out->jobs, out->n, threads, out->result, out->digests, err);
+done:
+    free(slot);
+    free(sa.f);
+    free(sb.f);
+    lfs_sb_free(&sa.names);
+    lfs_sb_free(&sb.names);
+    if (rc < 0) lfs_pairs_free(out);
+    return rc;
+}
+
+void lfs_pairs_free(lfs_pairs *p)
+{
+    free(p->jobs);
+    free(p->result);
+    free(p->digests);
+    memset(p, 0, sizeof *p);
+}

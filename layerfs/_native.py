@@ -414,6 +414,34 @@ def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
     return entries, d
 
 
+def layers_prematch(fd_a: int, fd_b: int, threads: int = 0
+                    ) -> Dict[Tuple[int, int, int], Tuple[bool, Optional[str], Optional[str]]]:
+    """Same-named, same-size regular files of two uncompressed layer files,
+    found from their headers alone and compared in place (lfs_layers_prematch):
+    (data offset a, data offset b, size) -> (same bytes, sha256 of a, of b),
+    the digests given when not the same."""
+    out = ffi.new("lfs_pairs *")
+    err = _new_error()
+    rc = lib.lfs_layers_prematch(fd_a, fd_b, threads, out, err)
+    try:
+        if rc < 0:
+            _raise(rc, err)
+        n = out.n
+        jobs = ffi.unpack(out.jobs, 4 * n) if n else []
+        result = bytes(ffi.buffer(out.result, n)) if n else b""
+        digests = bytes(ffi.buffer(out.digests, 64 * n)) if n else b""
+    finally:
+        lib.lfs_pairs_free(out)
+    got = {}
+    for i in range(n):
+        r = result[i]
+        da = "sha256:" + digests[64 * i:64 * i + 32].hex() if r & lib.LFS_RANGE_DIGEST_A else None
+        db = "sha256:" + digests[64 * i + 32:64 * i + 64].hex() \
+            if r & lib.LFS_RANGE_DIGEST_B else None
+        got[(jobs[4 * i], jobs[4 * i + 2], jobs[4 * i + 1])] = (bool(r & lib.LFS_RANGE_SAME), da, db)
+    return got
+
+
 def ranges_compare(fd_a: int, fd_b: int, jobs: Sequence[Tuple[int, int, int, int]],
                    threads: int = 0) -> List[Tuple[bool, Optional[str], Optional[str]]]:
     """For each job (offset a, length a, offset b, length b) -- byte ranges of

@@ -339,6 +339,7 @@ class _ContentResults:
         self.known: Dict[str, bool] = {}
         self.pending: Dict[str, Tuple[_Task, int]] = {}
         self.pool: Optional[_SerialWorker] = None
+        self.prematch: Optional[_Task] = None    # _prematch of two layer files read in place
 
     def get(self, path: str) -> Optional[bool]:
         v = self.known.get(path)
@@ -397,6 +398,25 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
         elif eb.digest is None and eb.content is not None and ea.digest is not None:
             hash_jobs.append((b.src, eb))
     results = a.content_equal
+    if range_jobs and results.prematch is not None:
+        try:
+            pre = results.prematch.result()
+        except Exception:       # noqa: BLE001 - a shortcut only: the usual way decides
+            pre = {}
+        rest = []
+        for job in range_jobs:
+            p, ea, eb = job
+            got = pre.get((ea.data, eb.data, ea.size)) if ea.size == eb.size else None
+            if got is None:
+                rest.append(job)
+                continue
+            same, da, db = got
+            results.known[p] = same
+            if da is not None and ea.digest is None:
+                ea.digest = da
+            if db is not None and eb.digest is None:
+                eb.digest = db
+        range_jobs = rest
     if range_jobs:
         _prefetch_ranges(results, a_path, b_path, range_jobs)
     native = getattr(_native, "files_equal", None)
@@ -420,6 +440,19 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
             results.known[p] = eq
         for _ in pool.map(lambda job: job[0].digest(job[1]), hash_jobs, chunksize=16):
             pass
+
+
+def _prematch(a_path: str, b_path: str):
+    """_native.layers_prematch of two layer files."""
+    fa = os.open(a_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fb = os.open(b_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _native.layers_prematch(fa, fb)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
 
 
 def _range_chunk(a_path: str, b_path: str, chunk) -> List[bool]:
@@ -555,6 +588,12 @@ def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_S
         # where the metadata leaves a doubt, hashed only where they differ
         a.read_in_place()
         b.read_in_place()
+        # the C core pairs the files by name from the headers alone and
+        # compares them while the entries are being built here
+        prematch = _in_thread(_prematch, a.data_path, b.data_path) \
+            if opts is None or "content" not in opts.ignore else None
+    else:
+        prematch = None
     fa = _in_thread(a.entries)
     try:
         if (opts is not None and "content" not in opts.ignore and type(a) is DirectorySource
@@ -567,6 +606,7 @@ def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_S
         fa.wait()
     fa.result()
     sa, sb = _Side(a), _Side(b)
+    sa.content_equal.prematch = prematch
     if compared is not None:
         known = sa.content_equal.known
         ea_map, eb_map = sa.entries, sb.entries

@@ -1,5 +1,6 @@
 """The diff engine: fields, content decisions, renames, hardlinks, filters, output,
 and the properties (changes as a layer rebuild B from A; compare_trees agrees)."""
+import io
 import os
 import shutil
 import subprocess
@@ -419,3 +420,59 @@ def test_walk_compare(tmp_path):
     assert got["trusted"] == (False, sha(b"aaa"), sha(b"bbb"))
     _, got = _native.walk_compare(str(a), str(a))
     assert got == {}                           # one inode: nothing to read
+
+
+def test_layers_prematch(tmp_path):
+    """The C core's pairing of two layer files by name from their headers: the
+    pairs it compares are the same-named, same-size files (the last of a name
+    in the old layer), and what it says of each is what their bytes say."""
+    import hashlib
+    from layerfs import _native
+    a_tar, b_tar = tmp_path / "a.tar", tmp_path / "b.tar"
+    common = {f"d/f{i}": os.urandom(100 + 37 * i) for i in range(30)}
+    a_files = dict(common, **{"d/sized": b"x" * 10, "only-a": b"a" * 5})
+    b_files = dict(common, **{"d/sized": b"x" * 11, "only-b": b"b" * 5})
+    b_files["d/f3"] = b"!" + common["d/f3"][1:]
+    dup_first = os.urandom(500)
+    with tarfile.open(a_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in a_files.items():
+            ti = tarfile.TarInfo("./" + name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        ti = tarfile.TarInfo("dup")                 # twice: the second one counts
+        ti.size = 500
+        tf.addfile(ti, io.BytesIO(dup_first))
+        tf.addfile(ti, io.BytesIO(common["d/f0"][:0] + b"z" * 500))
+    with tarfile.open(b_tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in list(b_files.items()) + [("dup", b"z" * 500)]:
+            ti = tarfile.TarInfo(name)              # no "./": the same names
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    offs = {}
+    for side, path in (("a", a_tar), ("b", b_tar)):
+        with tarfile.open(path) as tf:
+            for m in tf:
+                offs[(side, m.name.lstrip("./") if m.name.startswith("./") else m.name)] = \
+                    (m.offset_data, m.size)
+    fa, fb = os.open(a_tar, os.O_RDONLY), os.open(b_tar, os.O_RDONLY)
+    try:
+        got = _native.layers_prematch(fa, fb)
+    finally:
+        os.close(fa)
+        os.close(fb)
+    want_pairs = {}
+    for name in set(a_files) | set(b_files) | {"dup"}:
+        if ("a", name) in offs and ("b", name) in offs and \
+                offs[("a", name)][1] == offs[("b", name)][1]:
+            (oa, n), (ob, _) = offs[("a", name)], offs[("b", name)]
+            want_pairs[(oa, ob, n)] = name
+    assert set(got) == set(want_pairs)
+    raw_a, raw_b = a_tar.read_bytes(), b_tar.read_bytes()
+    for (oa, ob, n), (same, da, db) in got.items():
+        ba, bb = raw_a[oa:oa + n], raw_b[ob:ob + n]
+        assert same == (ba == bb), want_pairs[(oa, ob, n)]
+        if not same:
+            assert da == "sha256:" + hashlib.sha256(ba).hexdigest()
+            assert db == "sha256:" + hashlib.sha256(bb).hexdigest()
+    assert not got[next(k for k, v in want_pairs.items() if v == "d/f3")][0]
+    assert got[next(k for k, v in want_pairs.items() if v == "dup")][0]
