@@ -686,9 +686,24 @@ class Diff:
 
     def _merge(self) -> Iterator[Change]:
         opts = self.options
+        # The maps and the walk make tens of thousands of objects and no cycles:
+        # the cycle collector stays off until the changes are listed (in a
+        # process with a large heap each of its passes is costly).
         with _collector_paused():
             a, b = _load_both(self.old, self.new, opts)
-        self._sides = (a, b)
+            self._sides = (a, b)
+            try:
+                changes = self._changes(a, b)
+            except BaseException:
+                a.content_equal.close()
+                raise
+        try:
+            yield from changes
+        finally:
+            a.content_equal.close()
+
+    def _changes(self, a: _Side, b: _Side) -> List[Change]:
+        opts = self.options
         ka = list(a.entries)
         if "content" not in opts.ignore:
             # started before the sorting: the comparisons run meanwhile (in
@@ -698,22 +713,14 @@ class Diff:
         if not self.old.in_order:
             ka.sort(key=sort_key)
         kb = list(b.entries) if self.new.in_order else sorted(b.entries, key=sort_key)
-        try:
-            in_place = [s for s in (self.old, self.new)
-                        if getattr(s, "data_path", None) is not None]
-            if not in_place:
-                yield from self._walk(a, b, ka, kb)
-                return
-            # the digests of the files in the changes, read in place, in one go
-            changes = list(self._walk(a, b, ka, kb))
-            for s, side in ((self.old, "old"), (self.new, "new")):
-                if s in in_place:
-                    s.fill_digests([m for m in (getattr(c, side) for c in changes)
-                                    if m is not None and m.type == "file" and m.digest is None
-                                    and m.data is not None])
-            yield from changes
-        finally:
-            a.content_equal.close()
+        changes = list(self._walk(a, b, ka, kb))
+        # the digests of the files in the changes read in place, in one go
+        for s, side in ((self.old, "old"), (self.new, "new")):
+            if getattr(s, "data_path", None) is not None:
+                s.fill_digests([m for m in (getattr(c, side) for c in changes)
+                                if m is not None and m.type == "file" and m.digest is None
+                                and m.data is not None])
+        return changes
 
     def _walk(self, a: _Side, b: _Side, ka: List[str], kb: List[str]) -> Iterator[Change]:
         opts = self.options
