@@ -356,7 +356,8 @@ class SideBySide:
         """Time layerfs (benchmark.pedantic) against peers, interleaved.
 
         Each round: every peer once, then layerfs, each into a fresh target on
-        the benchmark's own filesystem.  With --bench-peers-only (or layerfs
+        the benchmark's own filesystem, each after a sync(2) (untimed), so that
+        no run pays for the writeback of the one before it.  With --bench-peers-only (or layerfs
         None) the first peer is the timed target instead.  Returns the result of
         the timed contender's last run.
         """
@@ -374,6 +375,7 @@ class SideBySide:
             calls[0] += 1
             for p in peers:
                 target = self.fs.new(p.fresh, p.name)
+                os.sync()           # no writeback of an earlier run left to slow this one
                 t0 = time.perf_counter()
                 self.last_result[p.name] = p.run(target)
                 dt = time.perf_counter() - t0
@@ -382,6 +384,7 @@ class SideBySide:
                     times[p.name].append(dt)
             target = self.fs.new(timed.fresh, timed.name)
             self.last[timed.name] = target
+            os.sync()
             return (target,), {}
 
         load_before = os.getloadavg()[0]

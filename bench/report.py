@@ -172,7 +172,8 @@ def notes(data: dict) -> List[str]:
     rounds = {b.get("stats", {}).get("rounds") for b in data.get("benchmarks", [])} - {None}
     if rounds:
         out.append("medians of " + "/".join(str(r) for r in sorted(rounds))
-                   + " rounds, layerfs and peers interleaved, each into a fresh directory")
+                   + " rounds, layerfs and peers interleaved, each into a fresh directory"
+                   " after a sync(2)")
     return out
 
 

@@ -124,16 +124,6 @@ typedef struct pslot {
     uint32_t flags;
 } pslot;
 
-static uint64_t hash_path(const char *s, size_t n)
-{
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 0x100000001b3ULL;
-    }
-    return h ^ (h >> 31);
-}
-
 /* ---- the extraction state ---- */
 
 /* Which directory an fd is: device, inode and (where the filesystem records it)
@@ -274,7 +264,7 @@ static pslot *pset_slot(pslot *slots, size_t cap, const char *s, size_t n, uint6
 static unsigned pset_get(ctx *c, const char *s, size_t n)
 {
     if (!c->slots) return 0;
-    pslot *sl = pset_slot(c->slots, c->scap, s, n, hash_path(s, n));
+    pslot *sl = pset_slot(c->slots, c->scap, s, n, lfs_hash_name(s, n));
     return sl->s ? sl->flags : 0;
 }
 
@@ -293,7 +283,7 @@ static int pset_add1(ctx *c, const char *s, size_t n, unsigned flags)
         c->slots = ns;
         c->scap = ncap;
     }
-    uint64_t h = hash_path(s, n);
+    uint64_t h = lfs_hash_name(s, n);
     pslot *sl = pset_slot(c->slots, c->scap, s, n, h);
     if (sl->s) {
         sl->flags |= flags;

@@ -53,6 +53,17 @@ int lfs_sb_set(lfs_strbuf *b, const char *s, size_t n);
 void lfs_sb_truncate(lfs_strbuf *b, size_t len);
 void lfs_sb_free(lfs_strbuf *b);
 
+/* FNV-1a of n bytes, its high bits folded in: for hash tables of names. */
+static inline uint64_t lfs_hash_name(const char *s, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h ^ (h >> 31);
+}
+
 /* ---- hardlink map: (dev, ino) -> the path first seen (common.c) ----
  * Zero-initialised is empty; lfs_hl_add copies path. */
 typedef struct lfs_hl_map {

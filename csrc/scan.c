@@ -392,16 +392,6 @@ typedef struct pm_side {
     lfs_error err;
 } pm_side;
 
-static uint64_t pm_hash(const char *s, size_t n)
-{
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 0x100000001b3ULL;
-    }
-    return h ^ (h >> 29);
-}
-
 /* The name the diff engine gives p, when that takes no more than stripping
  * ("./", "/", trailing "/"); 0 when it takes more (such entries are left to
  * the caller's own comparison). */
@@ -454,7 +444,7 @@ static void *pm_scan(void *arg)
         pm_file *f = &sd->f[sd->n];
         f->name = (const char *)(uintptr_t)sd->names.len;     /* an offset for now */
         f->len = n;
-        f->hash = pm_hash(s, n);
+        f->hash = lfs_hash_name(s, n);
         f->off = (int64_t)lfs_src_offset(src);
         f->size = e->size;
         if (lfs_sb_append(&sd->names, s, n) < 0 || lfs_sb_append(&sd->names, "", 1) < 0) {
