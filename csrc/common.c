@@ -168,3 +168,21 @@ void lfs_hl_free(lfs_hl_map *m)
     m->slots = NULL;
     m->cap = m->n = 0;
 }
+
+int lfs_run_workers(void *(*fn)(void *), void *arg, unsigned threads)
+{
+    if (threads > LFS_MAX_WORKERS) threads = LFS_MAX_WORKERS;
+    pthread_t t[LFS_MAX_WORKERS];
+    unsigned started = 0;
+    for (unsigned k = 1; k < threads; k++) {
+        if (pthread_create(&t[k], NULL, fn, arg) != 0) break;
+        started = k;
+    }
+    int fail = fn(arg) != NULL;
+    for (unsigned k = 1; k <= started; k++) {
+        void *r = NULL;
+        pthread_join(t[k], &r);
+        if (r) fail = 1;
+    }
+    return fail ? -1 : 0;
+}

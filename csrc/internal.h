@@ -53,6 +53,11 @@ int lfs_sb_set(lfs_strbuf *b, const char *s, size_t n);
 void lfs_sb_truncate(lfs_strbuf *b, size_t len);
 void lfs_sb_free(lfs_strbuf *b);
 
+/* Run fn(arg) on `threads` threads, the caller's among them (fewer if threads
+ * cannot be made), and wait for all: 0, or -1 when any returned non-NULL. */
+#define LFS_MAX_WORKERS 16
+int lfs_run_workers(void *(*fn)(void *), void *arg, unsigned threads);
+
 /* FNV-1a of n bytes, its high bits folded in: for hash tables of names. */
 static inline uint64_t lfs_hash_name(const char *s, size_t n)
 {

@@ -244,7 +244,6 @@ done:
 /* ---- byte ranges of layer files (lfs_ranges_compare) ---- */
 
 #define RANGE_CHUNK (256u << 10)
-#define RANGE_MAX_THREADS 16
 #define RANGE_BATCH 8
 
 typedef struct range_job {
@@ -354,21 +353,9 @@ int lfs_ranges_compare(int fd_a, int fd_b, const int64_t *jobs, size_t n, unsign
     if (pthread_mutex_init(&j.mu, NULL) != 0)
         return lfs_fail(err, ENOMEM, -1, NULL, NULL, "mutex init failed");
     if (threads == 0) threads = 2;
-    if (threads > RANGE_MAX_THREADS) threads = RANGE_MAX_THREADS;
     if ((size_t)threads > (n + RANGE_BATCH - 1) / RANGE_BATCH)
         threads = (unsigned)((n + RANGE_BATCH - 1) / RANGE_BATCH);
-    pthread_t t[RANGE_MAX_THREADS];
-    unsigned started = 0;
-    for (unsigned k = 1; k < threads; k++) {
-        if (pthread_create(&t[k], NULL, range_worker, &j) != 0) break;
-        started = k;
-    }
-    int fail = range_worker(&j) != NULL;
-    for (unsigned k = 1; k <= started; k++) {
-        void *r = NULL;
-        pthread_join(t[k], &r);
-        if (r) fail = 1;
-    }
+    int fail = lfs_run_workers(range_worker, &j, threads) < 0;
     pthread_mutex_destroy(&j.mu);
     if (fail) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing ranges");
     return 0;

@@ -595,20 +595,8 @@ int lfs_files_equal(const char *paths, size_t n, unsigned threads, unsigned char
     j.same = same;
     atomic_init(&j.next, 0);
     if (threads == 0) threads = 2;
-    if (threads > EQ_MAX_THREADS) threads = EQ_MAX_THREADS;
     if ((size_t)threads > n) threads = n ? (unsigned)n : 1;
-    pthread_t t[EQ_MAX_THREADS];
-    unsigned started = 0;
-    for (unsigned k = 1; k < threads; k++) {
-        if (pthread_create(&t[k], NULL, eq_worker, &j) != 0) break;
-        started = k;
-    }
-    int fail = eq_worker(&j) != NULL;
-    for (unsigned k = 1; k <= started; k++) {
-        void *r = NULL;
-        pthread_join(t[k], &r);
-        if (r) fail = 1;
-    }
+    int fail = lfs_run_workers(eq_worker, &j, threads) < 0;
     free(j.a);
     free(j.b);
     if (fail) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory comparing files");
