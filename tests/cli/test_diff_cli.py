@@ -80,6 +80,32 @@ def test_json_document(layerfs_cli, trees):
     assert doc["summary"]["bytes_added"] == 34 + 50
 
 
+def test_json_of_two_plain_layer_files(layerfs_cli, trees):
+    """Two uncompressed layers are read in place (not hashed while scanned): the
+    layer digests the JSON shows are still each file's sha256, and the records
+    are those of the gzip copies."""
+    import hashlib
+    a, b = trees
+    ta, tb = gnu_tar(a, a.parent / "a.tar"), gnu_tar(b, b.parent / "b.tar")
+    r = layerfs_cli("diff", "--json", ta, tb)
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    for side, path in (("old", ta), ("new", tb)):
+        want = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        assert doc[side]["layers"][0]["digest"] == want
+        assert doc[side]["layers"][0]["diff_id"] == want
+    for c in doc["changes"]:
+        if c.get("layer"):
+            assert c["layer"]["digest"] == doc["new"]["layers"][0]["digest"]
+    ga = gnu_tar(a, a.parent / "a.tar.gz", compress="gzip")
+    gb = gnu_tar(b, b.parent / "b.tar.gz", compress="gzip")
+    g = json.loads(layerfs_cli("diff", "--json", ga, gb).stdout)
+    strip = lambda cs: [{k: v for k, v in c.items() if k not in ("layer", "old_layer")}  # noqa
+                        for c in cs]
+    assert strip(doc["changes"]) == strip(g["changes"])
+    assert doc["summary"] == g["summary"]
+
+
 def test_json_lines(layerfs_cli, trees):
     a, b = trees
     r = layerfs_cli("diff", "--json-lines", "--no-renames", "--exclude", "/etc", a, b)
