@@ -221,7 +221,7 @@ struct lfs_src {
     int threaded;
     int no_hash;                  /* LFS_SRC_NO_HASH: no digests */
     int seek;                     /* LFS_SRC_SEEK in force: plain regular file, skips seek */
-    uint64_t seek_left;           /* seek: bytes of the file after what was read */
+    uint64_t seek_len;            /* seek: bytes of the file from where reading began */
 
     /* ---- producer (the producer thread, or the caller's thread) ---- */
     unsigned char *raw[SRC_RAW_N];
@@ -272,6 +272,12 @@ struct lfs_src {
 static uint64_t raw_offset(const lfs_src *s)
 {
     return s->raw_size - (s->in_len - s->in_pos);
+}
+
+/* Seek mode: bytes of the file not yet read or seeked over (raw_size counts both). */
+static uint64_t seek_left(const lfs_src *s)
+{
+    return s->seek_len > s->raw_size ? s->seek_len - s->raw_size : 0;
 }
 
 static int stopped(lfs_src *s)
@@ -550,7 +556,6 @@ static int fill_plain(lfs_src *s, unsigned char *out, size_t cap, size_t *np, lf
         if (r < 0) { rc = (int)r; break; }
         if (r == 0) { s->in_eof = 1; break; }
         s->raw_size += (uint64_t)r;
-        s->seek_left -= s->seek_left < (uint64_t)r ? s->seek_left : (uint64_t)r;
         n += (size_t)r;
     }
     s->produced += n;
@@ -709,8 +714,8 @@ ssize_t lfs_src_skip(lfs_src *s, uint64_t n, lfs_error *err)
             s->produced += k;
             done += k;
         }
-        uint64_t rest = n - done;
-        if (rest > s->seek_left) rest = s->seek_left;
+        uint64_t rest = n - done, left = seek_left(s);
+        if (rest > left) rest = left;
         if (rest > 0) {
             if (rest > (uint64_t)INT64_MAX || lseek(s->fd, (off_t)rest, SEEK_CUR) < 0) {
                 int e = rest > (uint64_t)INT64_MAX ? EOVERFLOW : errno;
@@ -719,11 +724,10 @@ ssize_t lfs_src_skip(lfs_src *s, uint64_t n, lfs_error *err)
             }
             s->raw_size += rest;
             s->produced += rest;
-            s->seek_left -= rest;
             done += rest;
         }
         s->consumed += done;
-        if (done < n && s->seek_left == 0) s->in_eof = 1;
+        if (done < n && seek_left(s) == 0) s->in_eof = 1;
         return (ssize_t)(done > (uint64_t)SSIZE_MAX ? SSIZE_MAX : done);
     }
     while (done < n) {
@@ -746,10 +750,10 @@ int lfs_src_finish(lfs_src *s, lfs_digests *out, lfs_error *err)
 {
     if (!s->finished && s->seek) {
         /* nothing to hash: what is left of the file is only counted */
-        s->produced += (s->in_len - s->in_pos) + s->seek_left;
-        s->raw_size += s->seek_left;
+        uint64_t left = seek_left(s);
+        s->produced += (s->in_len - s->in_pos) + left;
+        s->raw_size += left;
         s->in_pos = s->in_len;
-        s->seek_left = 0;
         s->in_eof = 1;
     }
     if (!s->finished) {
@@ -827,7 +831,7 @@ int lfs_src_open_ex(lfs_src **out, int fd, int compression, int threads, unsigne
     }
     off_t start = -1;
     if ((flags & LFS_SRC_SEEK) && S_ISREG(st.st_mode) && (start = lseek(fd, 0, SEEK_CUR)) >= 0)
-        s->seek_left = st.st_size > start ? (uint64_t)(st.st_size - start) : 0;
+        s->seek_len = st.st_size > start ? (uint64_t)(st.st_size - start) : 0;
     else
         start = -1;
     if (S_ISREG(st.st_mode)) (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
@@ -856,7 +860,6 @@ int lfs_src_open_ex(lfs_src **out, int fd, int compression, int threads, unsigne
             if (r == 0) s->in_eof = 1;
             s->in_len += (size_t)r;
             s->raw_size += (uint64_t)r;
-            s->seek_left -= s->seek_left < (uint64_t)r ? s->seek_left : (uint64_t)r;
         }
     }
     if (compression == LFS_COMP_AUTO) {
