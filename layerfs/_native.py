@@ -432,14 +432,21 @@ def layers_prematch(fd_a: int, fd_b: int, threads: int = 0
         digests = bytes(ffi.buffer(out.digests, 64 * n)) if n else b""
     finally:
         lib.lfs_pairs_free(out)
-    got = {}
-    for i in range(n):
-        r = result[i]
+    return {(jobs[4 * i], jobs[4 * i + 2], jobs[4 * i + 1]): r
+            for i, r in enumerate(_range_results(result, digests))}
+
+
+def _range_results(result: bytes, digests: bytes
+                   ) -> List[Tuple[bool, Optional[str], Optional[str]]]:
+    """(same, digest a, digest b) of each range pair from lfs_ranges_compare's
+    result flags and digests."""
+    out = []
+    for i, r in enumerate(result):
         da = "sha256:" + digests[64 * i:64 * i + 32].hex() if r & lib.LFS_RANGE_DIGEST_A else None
         db = "sha256:" + digests[64 * i + 32:64 * i + 64].hex() \
             if r & lib.LFS_RANGE_DIGEST_B else None
-        got[(jobs[4 * i], jobs[4 * i + 2], jobs[4 * i + 1])] = (bool(r & lib.LFS_RANGE_SAME), da, db)
-    return got
+        out.append((bool(r & lib.LFS_RANGE_SAME), da, db))
+    return out
 
 
 def ranges_compare(fd_a: int, fd_b: int, jobs: Sequence[Tuple[int, int, int, int]],
@@ -458,14 +465,7 @@ def ranges_compare(fd_a: int, fd_b: int, jobs: Sequence[Tuple[int, int, int, int
     rc = lib.lfs_ranges_compare(fd_a, fd_b, arr, n, threads, result, digests, err)
     if rc < 0:
         _raise(rc, err)
-    res = bytes(ffi.buffer(result, n))
-    dig = bytes(ffi.buffer(digests, 64 * n))
-    out = []
-    for i, r in enumerate(res):
-        da = "sha256:" + dig[64 * i:64 * i + 32].hex() if r & lib.LFS_RANGE_DIGEST_A else None
-        db = "sha256:" + dig[64 * i + 32:64 * i + 64].hex() if r & lib.LFS_RANGE_DIGEST_B else None
-        out.append((bool(r & lib.LFS_RANGE_SAME), da, db))
-    return out
+    return _range_results(bytes(ffi.buffer(result, n)), bytes(ffi.buffer(digests, 64 * n)))
 
 
 class RecordInfo(NamedTuple):

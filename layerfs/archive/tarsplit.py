@@ -32,22 +32,14 @@ import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 from .. import _native
-from .._io import open_output, source_name
+from .._io import _real_fileno, open_output, source_name
 from .._native import Digests, RecordInfo
 from ..errors import LayerError
 
 __all__ = ["Digests", "RecordInfo", "reassemble", "record_info"]
-
-
-def _real_fileno(f) -> Optional[int]:
-    try:
-        fd = f.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 @contextmanager
