@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 from .sources import (COARSE, IMPLICIT, OPAQUE, DirectorySource, EntryMeta, LayerInfo,
-                      LayerStackSource, Source, SourceArg, open_source, parent_of, sort_key)
+                      LayerStackSource, Source, SourceArg, _in_thread, _Task, open_source,
+                      parent_of, sort_key)
 from .trees import OVERLAY_PRIVATE_XATTRS, TreeChange, fds_equal
 
 KINDS = ("added", "deleted", "modified", "renamed")
@@ -258,41 +259,6 @@ def files_equal(pa: bytes, pb: bytes, size: int) -> bool:
         os.close(fa)
 
 
-class _Task:
-    """The result of a call made on another thread (a small future)."""
-    __slots__ = ("_done", "_value", "_error")
-
-    def __init__(self):
-        self._done = threading.Event()
-        self._value: Any = None
-        self._error: Optional[BaseException] = None
-
-    def _run(self, fn, args) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to result()
-            self._error = e
-        finally:
-            self._done.set()
-
-    def wait(self) -> None:
-        self._done.wait()
-
-    def result(self) -> Any:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _in_thread(fn, *args) -> _Task:
-    """fn(*args) on a new thread."""
-    task = _Task()
-    threading.Thread(target=task._run, args=(fn, args), name="layerfs-diff",
-                     daemon=True).start()
-    return task
-
-
 class _Cancelled(Exception):
     pass
 
@@ -412,10 +378,7 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
                 continue
             same, da, db = got
             results.known[p] = same
-            if da is not None and ea.digest is None:
-                ea.digest = da
-            if db is not None and eb.digest is None:
-                eb.digest = db
+            _take_digests(ea, eb, da, db)
         range_jobs = rest
     if range_jobs:
         _prefetch_ranges(results, a_path, b_path, range_jobs)
@@ -442,37 +405,39 @@ def _prefetch_content(a: _Side, b: _Side, paths: List[str], opts: Options,
             pass
 
 
-def _prematch(a_path: str, b_path: str):
-    """_native.layers_prematch of two layer files."""
+def _on_both(a_path: str, b_path: str, call):
+    """call(fd of a_path, fd of b_path), both opened for it."""
     fa = os.open(a_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fb = os.open(b_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return _native.layers_prematch(fa, fb)
+            return call(fa, fb)
         finally:
             os.close(fb)
     finally:
         os.close(fa)
+
+
+def _take_digests(ea: EntryMeta, eb: EntryMeta, da: Optional[str], db: Optional[str]) -> None:
+    """Keep the digests a comparison computed where the entries have none."""
+    if da is not None and ea.digest is None:
+        ea.digest = da
+    if db is not None and eb.digest is None:
+        eb.digest = db
+
+
+def _prematch(a_path: str, b_path: str):
+    """_native.layers_prematch of two layer files."""
+    return _on_both(a_path, b_path, _native.layers_prematch)
 
 
 def _range_chunk(a_path: str, b_path: str, chunk) -> List[bool]:
     """Compare (or hash) one chunk of in-place pairs; digests go onto the entries."""
-    fa = os.open(a_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fb = os.open(b_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            got = _native.ranges_compare(fa, fb, [(ea.data, ea.size, eb.data, eb.size)
-                                                  for _, ea, eb in chunk])
-        finally:
-            os.close(fb)
-    finally:
-        os.close(fa)
+    jobs = [(ea.data, ea.size, eb.data, eb.size) for _, ea, eb in chunk]
+    got = _on_both(a_path, b_path, lambda fa, fb: _native.ranges_compare(fa, fb, jobs))
     out = []
     for (_, ea, eb), (same, da, db) in zip(chunk, got):
-        if da is not None and ea.digest is None:
-            ea.digest = da
-        if db is not None and eb.digest is None:
-            eb.digest = db
+        _take_digests(ea, eb, da, db)
         out.append(same)
     return out
 
@@ -616,10 +581,7 @@ def _load_both(a: Source, b: Source, opts: Optional[Options] = None) -> Tuple[_S
                 continue            # changed since: left to the usual way
             if ea.size == eb.size:
                 known[p] = same
-            if da is not None and ea.digest is None:
-                ea.digest = da
-            if db is not None and eb.digest is None:
-                eb.digest = db
+            _take_digests(ea, eb, da, db)
     return sa, sb
 
 

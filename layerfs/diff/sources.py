@@ -34,6 +34,7 @@ Memory is O(entries): each entry is one slotted :class:`EntryMeta`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -156,10 +157,72 @@ class EntryMeta:
         return f"EntryMeta({self.as_dict()!r})"
 
 
+class _Task:
+    """The result of a call made on another thread (a small future)."""
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _in_thread(fn, *args) -> _Task:
+    """fn(*args) on a new thread."""
+    task = _Task()
+    threading.Thread(target=task._run, args=(fn, args), name="layerfs-diff",
+                     daemon=True).start()
+    return task
+
+
+class _LazyDigest:
+    """A LayerInfo digest attribute.  An uncompressed layer read in place is not
+    hashed by its scan: its digest (which is its DiffID) is computed when either
+    is first asked for."""
+
+    def __init__(self, slot: str):
+        self.slot = slot
+
+    def __get__(self, layer: Optional["LayerInfo"], owner=None):
+        if layer is None:
+            return self
+        value = getattr(layer, self.slot)
+        if value is None and layer._hash_later is not None:
+            later, layer._hash_later = layer._hash_later, None
+            d = later()
+            for slot in ("_digest", "_diff_id"):
+                if getattr(layer, slot) is None:
+                    setattr(layer, slot, d)
+            value = getattr(layer, self.slot)
+        return value
+
+    def __set__(self, layer: "LayerInfo", value: Optional[str]) -> None:
+        setattr(layer, self.slot, value)
+
+
 class LayerInfo:
     """One layer of a stack: where it comes from and what the image says of it."""
     __slots__ = ("index", "name", "_digest", "_diff_id", "size", "tar_size", "media_type",
                  "created_by", "comment", "created", "_open", "_hash_later", "hash_early")
+    digest = _LazyDigest("_digest")
+    diff_id = _LazyDigest("_diff_id")
 
     def __init__(self, index: int, name: str, open: Callable[[], Any], *,
                  digest: Optional[str] = None, diff_id: Optional[str] = None,
@@ -186,35 +249,17 @@ class LayerInfo:
         """A path or a binary stream of the layer blob (compressed or not)."""
         return self._open()
 
-    # An uncompressed layer read in place is not hashed by its scan: its digest
-    # (which is its DiffID) is computed when first asked for.
-    @property
-    def digest(self) -> Optional[str]:
-        if self._digest is None and self._hash_later is not None:
-            self._hash_now()
-        return self._digest
-
-    @digest.setter
-    def digest(self, value: Optional[str]) -> None:
-        self._digest = value
-
-    @property
-    def diff_id(self) -> Optional[str]:
-        if self._diff_id is None and self._hash_later is not None:
-            self._hash_now()
-        return self._diff_id
-
-    @diff_id.setter
-    def diff_id(self, value: Optional[str]) -> None:
-        self._diff_id = value
-
-    def _hash_now(self) -> None:
-        later, self._hash_later = self._hash_later, None
-        d = later()
-        if self._digest is None:
-            self._digest = d
-        if self._diff_id is None:
-            self._diff_id = d
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[Tuple[int, str]]:
+        """(readable fd, name) of the layer blob, closed afterwards."""
+        src = self.open()
+        try:
+            with _open_stream(src) as opened:
+                yield opened
+        finally:
+            close = getattr(src, "close", None)
+            if close is not None:
+                close()
 
     def as_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"index": self.index}
@@ -374,23 +419,17 @@ def scan_layer(layer: LayerInfo, factory: Optional[Callable[..., Any]] = None,
     factory: see :func:`layerfs._native.scan`; offsets: instead of hashing
     the content, note where each (non-sparse) file's bytes start -- for an
     uncompressed layer file read from its start."""
-    src = layer.open()
-    try:
-        with _open_stream(src) as (fd, name):
-            entries, digests = _native.scan(fd, name=layer.name or name, factory=factory,
-                                            hash=not offsets, offsets=offsets,
-                                            stream_hash=not offsets)
-            if offsets and digests.compression != "none":
-                raise ValueError(f"{layer.name}: compressed ({digests.compression}), "
-                                 "its content cannot be read in place")
-    finally:
-        close = getattr(src, "close", None)
-        if close is not None:
-            close()
+    with layer.stream() as (fd, name):
+        entries, digests = _native.scan(fd, name=layer.name or name, factory=factory,
+                                        hash=not offsets, offsets=offsets,
+                                        stream_hash=not offsets)
+        if offsets and digests.compression != "none":
+            raise ValueError(f"{layer.name}: compressed ({digests.compression}), "
+                             "its content cannot be read in place")
     if digests.digest is None:
         if layer._digest is None or layer._diff_id is None:
-            layer._hash_later = _start_hash(layer) if layer.hash_early else \
-                (lambda: _hash_layer_blob(layer))
+            layer._hash_later = _in_thread(_hash_layer_blob, layer).result \
+                if layer.hash_early else (lambda: _hash_layer_blob(layer))
     else:
         if layer._diff_id is None:
             layer.diff_id = digests.diff_id
@@ -445,35 +484,8 @@ def _classifier(index: int) -> Callable[..., Any]:
 
 def _hash_layer_blob(layer: LayerInfo) -> str:
     """sha256 of an uncompressed layer blob: its digest and its DiffID."""
-    src = layer.open()
-    try:
-        with _open_stream(src) as (fd, name):
-            return _native.sha256_fd(fd, layer.name or name)[0]
-    finally:
-        close = getattr(src, "close", None)
-        if close is not None:
-            close()
-
-
-def _start_hash(layer: LayerInfo) -> Callable[[], str]:
-    """_hash_layer_blob in a thread of its own; the callable waits for it."""
-    out: List[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(_hash_layer_blob(layer))
-        except BaseException as e:  # noqa: BLE001 - raised by the waiter
-            out.append(e)
-
-    t = threading.Thread(target=run, name="layerfs-layer-hash", daemon=True)
-    t.start()
-
-    def wait() -> str:
-        t.join()
-        if isinstance(out[0], BaseException):
-            raise out[0]
-        return out[0]
-    return wait
+    with layer.stream() as (fd, name):
+        return _native.sha256_fd(fd, layer.name or name)[0]
 
 
 def scan_classified(layer: LayerInfo, offsets: bool = False) -> _Classified:
