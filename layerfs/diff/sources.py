@@ -47,7 +47,7 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Opt
 from .. import _native
 from .._io import lexical_parts, open_source as _open_stream
 from ..errors import LayerError, NotFound, NotSupported
-from .trees import OVERLAY_PRIVATE_XATTRS, read_xattrs, type_name
+from .trees import OVERLAY_PRIVATE_XATTRS, content_digest, read_xattrs, type_name
 
 EFFECTIVE, RAW = "effective", "raw"
 VIEWS = (EFFECTIVE, RAW)
@@ -695,7 +695,7 @@ class Source:
     def digest(self, meta: EntryMeta) -> Optional[str]:
         """sha256 of a regular file's content (computed once, for directory sources)."""
         if meta.digest is None and meta.content is not None:
-            meta.digest = _hash_file(meta.content)
+            meta.digest = content_digest(meta.content, read_errors=True)
         return meta.digest
 
     def open_content(self, meta: EntryMeta) -> Optional[BinaryIO]:
@@ -739,16 +739,6 @@ class Source:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.view}>"
 
-
-def _hash_file(path: bytes) -> Optional[str]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        return _native.sha256_fd(fd, os.fsdecode(path))[0]
-    finally:
-        os.close(fd)
 
 
 class DirectorySource(Source):

@@ -161,8 +161,10 @@ def fds_equal(fa: int, fb: int, size: Optional[int] = None) -> bool:
                 return True
 
 
-def _content_digest(path: bytes) -> Optional[str]:
-    from .. import _native  # C core sha256 (OpenSSL), GIL released
+def content_digest(path: bytes, read_errors: bool = False) -> Optional[str]:
+    """sha256 of a file's content (C core, GIL released); None when it cannot be
+    opened, or read unless read_errors (then the error is raised)."""
+    from .. import _native
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
@@ -170,6 +172,8 @@ def _content_digest(path: bytes) -> Optional[str]:
     try:
         return _native.sha256_fd(fd, os.fsdecode(path))[0]
     except OSError:
+        if read_errors:
+            raise
         return None
     finally:
         os.close(fd)
@@ -217,7 +221,7 @@ def compare_entries(old_path: bytes, new_path: bytes, ost: os.stat_result,
         # equal size and mtime, whole seconds on both sides: the timestamp may
         # have been truncated, so only the bytes can tell
         if not same_content(old_path, new_path):
-            fields["content"] = (_content_digest(old_path), _content_digest(new_path))
+            fields["content"] = (content_digest(old_path), content_digest(new_path))
     return fields
 
 
