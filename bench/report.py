@@ -162,8 +162,17 @@ def notes(data: dict) -> List[str]:
     starts = [b["extra_info"]["cli_startup_s"] for b in data.get("benchmarks", [])
               if isinstance(b.get("extra_info", {}).get("cli_startup_s"), (int, float))]
     if starts:
-        out.append(f"CLI start-up (`layerfs --help`, included in every CLI time): "
+        out.append(f"CLI start-up (`layerfs unpack` of an empty layer; part of every CLI time): "
                    f"{fmt_time(statistics.median(starts))}")
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if isinstance(info.get("cpu_bound_s"), (int, float)) and info.get("cpu_s"):
+            goals = [f"{p['name']} x {p['goal']:.2f} = {fmt_time(p['median'] * p['goal'])}"
+                     for p in info.get("peers") or [] if p.get("goal") and p.get("median")]
+            out.append(f"{_bench_label(b)}: layerfs CPU (user+sys) {fmt_time(info['cpu_s'])} "
+                       f"per run, so on this machine's cores no run can take less than "
+                       f"{fmt_time(info['cpu_bound_s'])} (start-up on one core, the rest on all)"
+                       + (f"; goal {', '.join(goals)}" if goals else ""))
     loads = [x for b in data.get("benchmarks", [])
              for x in (b.get("extra_info", {}).get("loadavg") or [])]
     if loads:
