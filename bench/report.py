@@ -162,8 +162,10 @@ def notes(data: dict) -> List[str]:
     starts = [b["extra_info"]["cli_startup_s"] for b in data.get("benchmarks", [])
               if isinstance(b.get("extra_info", {}).get("cli_startup_s"), (int, float))]
     if starts:
-        out.append(f"CLI start-up (`layerfs unpack` of an empty layer; part of every CLI time): "
-                   f"{fmt_time(statistics.median(starts))}")
+        span = fmt_time(min(starts)) if min(starts) == max(starts) else \
+            f"{fmt_time(min(starts))} to {fmt_time(max(starts))}"
+        out.append("CLI start-up (the command on empty input: `unpack` of an empty layer, "
+                   f"`diff` of two empty directories; part of every CLI time): {span}")
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
         if isinstance(info.get("cpu_bound_s"), (int, float)) and info.get("cpu_s"):
