@@ -350,6 +350,12 @@ def parse_json(data: bytes, where: Where, what: str = "document") -> Any:
     except json.JSONDecodeError as e:
         raise where.error(f"{what} is not valid JSON: {e.msg} at line {e.lineno} "
                           f"column {e.colno}") from None
+    except RecursionError:
+        # arrays or objects nested deeper than the parser's recursion limit
+        raise where.error(f"{what} is nested too deeply to be read") from None
+    except ValueError as e:
+        # an integer with more digits than int() converts (sys.get_int_max_str_digits)
+        raise where.error(f"{what} holds a number that cannot be read: {e}") from None
 
 
 @dataclass(frozen=True)

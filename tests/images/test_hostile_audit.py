@@ -1,0 +1,47 @@
+"""Hostile image inputs: documents built to exhaust the parser (nesting, numbers,
+size, fan-out), documents that read as two kinds at once, media types that lie,
+and destinations that would lead writes elsewhere.  Every refusal is a clean
+FormatError (or DigestMismatch) naming the file, never a crash or a hang."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from layerfs.images import FormatError, open_image_source
+
+from .conftest import (OCI_INDEX, OCI_MANIFEST, build_image, entry, fill, jbytes, put_blob,
+                       write_index)
+
+
+def _layout(tmp_path, name="layout"):
+    layout = str(tmp_path / name)
+    os.makedirs(layout)
+    img = build_image(layout, [fill(str(tmp_path / f"{name}-tree"), {"etc/hostname": "box\n"})])
+    return layout, img
+
+
+# --- parser exhaustion ----------------------------------------------------------------------
+
+def test_deeply_nested_index_json_is_a_format_error(tmp_path):
+    layout, _ = _layout(tmp_path)
+    write_index(layout, [])
+    with open(os.path.join(layout, "index.json"), "wb") as f:
+        f.write(b'{"schemaVersion":2,"manifests":[],"x":' + b"[" * 200000 + b"]" * 200000 + b"}")
+    with pytest.raises(FormatError, match="index.json") as e:
+        open_image_source(layout).images()
+    assert "nested" in str(e.value)
+
+
+def test_number_too_long_for_python_is_a_format_error(tmp_path):
+    layout, img = _layout(tmp_path)
+    m = dict(img.manifest, annotations=None)
+    data = jbytes(m).replace(b'"annotations":null', b'"x":1' + b"0" * 10000)
+    md = put_blob(layout, data)
+    write_index(layout, [{"mediaType": OCI_MANIFEST, **md}])
+    with pytest.raises(FormatError, match="number"):
+        open_image_source(layout).images()
