@@ -399,8 +399,10 @@ def parse_manifest(data: bytes, where: Where, media_type: Optional[str] = None) 
         raise where.error("Docker schema 1 manifests are not supported", "mediaType")
     if mt not in MANIFEST_TYPES:
         raise where.error(f"{mt!r} is not a manifest media type", "mediaType")
-    if "manifests" in doc and "layers" not in doc:
-        raise where.error("this is an index, not a manifest", "manifests")
+    if "manifests" in doc:
+        # a document that is also an index reads as another image to a reader that
+        # takes it for one (CVE-2021-41190): refused, as containerd does
+        raise where.error("expected a manifest but found an index field", "manifests")
     config = Descriptor.from_json(doc.get("config"), where, "config")
     layers = _descriptor_list(doc, where, "layers")
     subject = doc.get("subject")
@@ -417,6 +419,9 @@ def parse_index(data: bytes, where: Where, media_type: Optional[str] = None) -> 
         mt = media_type or OCI_INDEX
     if mt not in INDEX_TYPES:
         raise where.error(f"{mt!r} is not an index media type", "mediaType")
+    for key in ("config", "layers"):
+        if key in doc:
+            raise where.error("expected an index but found a manifest field", key)
     return Index(mt, _descriptor_list(doc, where, "manifests"), _annotations(doc, where))
 
 

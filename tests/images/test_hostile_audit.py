@@ -45,3 +45,25 @@ def test_number_too_long_for_python_is_a_format_error(tmp_path):
     write_index(layout, [{"mediaType": OCI_MANIFEST, **md}])
     with pytest.raises(FormatError, match="number"):
         open_image_source(layout).images()
+
+
+# --- documents that are two kinds at once (CVE-2021-41190) ------------------------------------
+
+def _ambiguous(tmp_path):
+    """A blob that is a manifest (config, layers) and an index (manifests) at once,
+    without a mediaType of its own, the index part naming another image."""
+    layout, img = _layout(tmp_path)
+    other = build_image(layout, [fill(str(tmp_path / "other"), {"etc/hostname": "other\n"})])
+    doc = dict(img.manifest)
+    del doc["mediaType"]
+    doc["manifests"] = [entry(other, layout)]
+    return layout, put_blob(layout, jbytes(doc))
+
+
+@pytest.mark.parametrize("as_type", [OCI_MANIFEST, OCI_INDEX])
+def test_document_both_manifest_and_index_is_refused(tmp_path, as_type):
+    layout, d = _ambiguous(tmp_path)
+    write_index(layout, [{"mediaType": as_type, **d}])
+    want = "index" if as_type == OCI_MANIFEST else "manifest"
+    with pytest.raises(FormatError, match=f"found an? {want}"):
+        open_image_source(layout).images()
