@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import AlreadyExists, DigestMismatch, NotFound
 from . import reference
@@ -133,16 +133,23 @@ class _Reader:
         self.blobs = blobs
         self.platform = platform
         self.skipped = skipped
+        # Results per blob: indexes may list the same index or manifest many times
+        # over, at every level; each blob is read and narrowed once.
+        self._chosen: Dict[Tuple[str, str], object] = {}
+        self._platforms: Dict[Tuple[str, str], Optional[Platform]] = {}
 
     def manifest_platform(self, d: Descriptor) -> Optional[Platform]:
         """The platform of a manifest that its descriptor does not give: from its config."""
-        try:
-            data = self.blobs.read(d)
-            m = parse_manifest(data, self.blobs.where(d.digest), d.media_type)
-            cfg = parse_config(self.blobs.read(m.config), self.blobs.where(m.config.digest))
-        except (NotFound, FormatError):
-            return None
-        return cfg.platform
+        key = (d.digest, d.media_type)
+        if key not in self._platforms:
+            try:
+                data = self.blobs.read(d)
+                m = parse_manifest(data, self.blobs.where(d.digest), d.media_type)
+                cfg = parse_config(self.blobs.read(m.config), self.blobs.where(m.config.digest))
+                self._platforms[key] = cfg.platform
+            except (NotFound, FormatError):
+                self._platforms[key] = None
+        return self._platforms[key]
 
     def choose(self, d: Descriptor, referrer: Where, field: str,
                depth: int = 0) -> Tuple[Descriptor, str]:
@@ -150,6 +157,19 @@ class _Reader:
         digest of the index it was listed in)."""
         if depth > _MAX_NESTING:
             raise referrer.error(f"indexes nested more than {_MAX_NESTING} deep", field)
+        key = (d.digest, d.media_type)
+        if key not in self._chosen:
+            try:
+                self._chosen[key] = self._choose(d, referrer, field, depth)
+            except NoMatchingPlatform as e:
+                self._chosen[key] = e
+        found = self._chosen[key]
+        if isinstance(found, NoMatchingPlatform):
+            raise found
+        return found  # type: ignore[return-value]
+
+    def _choose(self, d: Descriptor, referrer: Where, field: str,
+                depth: int) -> Tuple[Descriptor, str]:
         data = self.blobs.read(d, referrer, field)
         w = self.blobs.where(d.digest, "index")
         idx = parse_index(data, w, d.media_type)
@@ -191,7 +211,8 @@ class _Reader:
             avail = ", ".join(dict.fromkeys(available)) or "none"
             raise NoMatchingPlatform(
                 f"index {d.digest} has no image for platform {self.platform}; "
-                f"available: {avail}", w.filename, entry=w.entry, available=available)
+                f"available: {avail}", w.filename, entry=w.entry,
+                available=list(dict.fromkeys(available)))
         return best[2], best[3]
 
     def image(self, d: Descriptor, referrer: Where, field: str) -> Optional[SourceImage]:

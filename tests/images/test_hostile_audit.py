@@ -67,3 +67,46 @@ def test_document_both_manifest_and_index_is_refused(tmp_path, as_type):
     want = "index" if as_type == OCI_MANIFEST else "manifest"
     with pytest.raises(FormatError, match=f"found an? {want}"):
         open_image_source(layout).images()
+
+
+# --- fan-out -----------------------------------------------------------------------------------
+
+_READ_IN_CHILD = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, {repo!r})
+    resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+    from layerfs.images import open_image_source
+    from layerfs.images import NoMatchingPlatform
+    with open_image_source(sys.argv[1], platform=sys.argv[2]) as src:
+        try:
+            print(len(src.images()))
+        except NoMatchingPlatform as e:
+            print("no match:", ", ".join(e.available))
+""")
+
+
+def _read_in_child(layout: str, platform: str) -> subprocess.CompletedProcess:
+    """images() of a layout in a child process limited to 60 s of CPU (SIGXCPU
+    kills it past that), so that a reader that never finishes fails the test."""
+    import layerfs
+    repo = os.path.dirname(os.path.dirname(layerfs.__file__))
+    return subprocess.run([sys.executable, "-c", _READ_IN_CHILD.format(repo=repo), layout,
+                           platform],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("platform,out", [("linux/amd64", "1"),
+                                          ("linux/arm64", "no match: linux/amd64")])
+def test_index_fan_out_is_read_once_per_blob(tmp_path, platform, out):
+    """Eight nested indexes, each listing the next one 30 times: 30**8 paths to
+    one manifest, but only nine distinct blobs (and one platform to report)."""
+    layout, img = _layout(tmp_path)
+    cur = dict(entry(img, layout), platform={"architecture": "amd64", "os": "linux"})
+    for _ in range(8):
+        d = put_blob(layout, jbytes({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                     "manifests": [cur] * 30}))
+        cur = {"mediaType": OCI_INDEX, **d}
+    write_index(layout, [cur])
+    p = _read_in_child(layout, platform)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == out
