@@ -69,8 +69,11 @@ ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
 ANNOTATION_CREATED = "org.opencontainers.image.created"
 
-# Manifests, indexes and configs larger than this are refused (they are read into memory).
-MAX_JSON_BLOB = 64 << 20
+# Manifests, indexes and configs (and a layout's index.json, a docker-archive's
+# manifest.json) larger than this are refused: they are read into memory, where
+# JSON takes up to ~25 times its size.  containerd reads manifests and indexes up
+# to 4 MiB, containers/image configs up to 4 MiB.
+MAX_JSON_BLOB = 4 << 20
 
 _SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ANY_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")

@@ -110,3 +110,58 @@ def test_index_fan_out_is_read_once_per_blob(tmp_path, platform, out):
     p = _read_in_child(layout, platform)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == out
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+_READ_LIMITED_AS = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, {repo!r})
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    from layerfs.images import FormatError, open_image_source
+    try:
+        with open_image_source(sys.argv[1], platform="linux/amd64") as src:
+            print(len(src.images()))
+    except FormatError as e:
+        print("FormatError:", e)
+""")
+
+
+def _read_in_1gib(path: str) -> subprocess.CompletedProcess:
+    """images() of a source in a child process whose address space is limited to 1 GiB."""
+    import layerfs
+    repo = os.path.dirname(os.path.dirname(layerfs.__file__))
+    return subprocess.run([sys.executable, "-c", _READ_LIMITED_AS.format(repo=repo), path],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _padding(n_bytes: int) -> bytes:
+    """A JSON array of empty objects about n_bytes long: ~25 times its size once parsed."""
+    return b"[" + b"{}," * (n_bytes // 3) + b"{}]"
+
+
+@pytest.mark.parametrize("where", ["index.json", "manifest", "config", "manifest.json"])
+def test_huge_documents_refused_before_they_are_parsed(tmp_path, where):
+    """A 60 MiB document of empty objects takes ~1.6 GB once parsed: the size
+    limit must refuse it before that (containerd and containers/image stop at 4 MiB)."""
+    layout, img = _layout(tmp_path)
+    pad = _padding(60 << 20)
+    top = entry(img, layout)
+    if where == "index.json":
+        write_index(layout, [top])
+        with open(os.path.join(layout, "index.json"), "wb") as f:
+            f.write(jbytes({"schemaVersion": 2, "manifests": [top], "x": None})
+                    .replace(b"null", pad))
+    elif where == "manifest":
+        md = put_blob(layout, jbytes(dict(img.manifest, x=None)).replace(b"null", pad))
+        write_index(layout, [{"mediaType": OCI_MANIFEST, **md}])
+    elif where == "config":
+        cd = put_blob(layout, jbytes(dict(img.config, x=None)).replace(b"null", pad))
+        md = put_blob(layout, jbytes(dict(img.manifest, config=dict(img.manifest["config"], **cd))))
+        write_index(layout, [{"mediaType": OCI_MANIFEST, **md}])
+    else:
+        with open(os.path.join(layout, "manifest.json"), "wb") as f:
+            f.write(b'[{"Config":"x","Layers":[],"Pad":' + pad + b"}]")
+    p = _read_in_1gib(layout)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("FormatError:") and "allowed" in p.stdout, p.stdout
