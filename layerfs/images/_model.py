@@ -11,8 +11,8 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
 from ..errors import DigestMismatch, NotFound
 from ._io import VerifyingReader, read_limited
-from .manifest import (MAX_JSON_BLOB, Descriptor, FormatError, Platform, Where, check_digest,
-                       verify_blob)
+from .manifest import (MAX_JSON_BLOB, Descriptor, FormatError, ImageConfig, Platform, Where,
+                       check_digest, parse_config, verify_blob)
 
 
 @dataclass
@@ -128,6 +128,7 @@ class Blobs:
         self._paths: Dict[str, str] = {}
         self._memory: Dict[str, bytes] = {}
         self._sizes: Dict[str, int] = {}
+        self._configs: Dict[str, Tuple[bytes, ImageConfig]] = {}
 
     def register_path(self, digest: str, path: str) -> None:
         self._paths.setdefault(digest, path)
@@ -192,6 +193,19 @@ class Blobs:
         verify_blob(data, desc.digest, desc.size, w)
         self.note_size(desc.digest, desc.size)
         return data
+
+    def read_config(self, desc: Descriptor, referrer: Optional[Where] = None,
+                    field: Optional[str] = None) -> Tuple[bytes, ImageConfig]:
+        """A config blob, verified, and its parsed form: read and parsed once per
+        source however many images name it (the images share the parsed config)."""
+        hit = self._configs.get(desc.digest)
+        if hit is None:
+            data = self.read(desc, referrer, field)
+            hit = (data, parse_config(data, self.where(desc.digest, "config")))
+            self._configs[desc.digest] = hit
+        else:
+            verify_blob(hit[0], desc.digest, desc.size, self.where(desc.digest))
+        return hit
 
     def open(self, digest: str, *, verify: bool = False, size: Optional[int] = None) -> BinaryIO:
         import io

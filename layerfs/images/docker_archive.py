@@ -144,6 +144,7 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
     oci = _oci_manifests_by_config(files, blobs)
     images: List[SourceImage] = []
     all_tags: List[str] = []
+    configs: Dict[str, tuple] = {}
     for i, item in enumerate(doc):
         field = f"[{i}]"
         if not isinstance(item, dict):
@@ -172,15 +173,17 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
         if files.size(cfg_path) is None:
             raise NotFound(f"config file {cfg_path} is missing (referenced by manifest.json "
                            f"field {field}.Config)", cw.filename, entry=cw.entry)
-        config_bytes = read_limited(files, cfg_path, MAX_JSON_BLOB)
-        config_digest = sha256_bytes(config_bytes)
-        stem = os.path.basename(cfg_path)
-        stem = stem[:-5] if stem.endswith(".json") else stem
-        if _HEX64.fullmatch(stem) and "sha256:" + stem != config_digest:
-            raise DigestMismatch(f"config blob sha256:{stem}: content has digest "
-                                 f"{config_digest}", cw.filename, entry=cw.entry)
-        blobs.register_path(config_digest, cfg_path)
-        cfg = parse_config(config_bytes, cw)
+        if cfg_path not in configs:     # read and parsed once, however many images name it
+            config_bytes = read_limited(files, cfg_path, MAX_JSON_BLOB)
+            config_digest = sha256_bytes(config_bytes)
+            stem = os.path.basename(cfg_path)
+            stem = stem[:-5] if stem.endswith(".json") else stem
+            if _HEX64.fullmatch(stem) and "sha256:" + stem != config_digest:
+                raise DigestMismatch(f"config blob sha256:{stem}: content has digest "
+                                     f"{config_digest}", cw.filename, entry=cw.entry)
+            blobs.register_path(config_digest, cfg_path)
+            configs[cfg_path] = (config_bytes, config_digest, parse_config(config_bytes, cw))
+        config_bytes, config_digest, cfg = configs[cfg_path]
         if len(cfg.diff_ids) != len(layer_paths):
             raise cw.error(f"config has {len(cfg.diff_ids)} diff_ids but manifest.json field "
                            f"{field}.Layers lists {len(layer_paths)} layers", "rootfs.diff_ids")
@@ -206,7 +209,7 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
             names=names, manifest_digest=manifest_digest, manifest_media_type=media_type,
             manifest_bytes=manifest_bytes, config_digest=config_digest,
             config_bytes=config_bytes, config=cfg.doc, layers=layers,
-            diff_ids=list(cfg.diff_ids), platform=cfg.platform, history=list(cfg.history),
+            diff_ids=list(cfg.diff_ids), platform=cfg.platform, history=cfg.history,
             config_media_type=config_mt, manifest_synthesized=synthesized))
     if want_ref is not None and not images:
         raise NotFound(f"no image tagged {select!r} in the archive; it has: "

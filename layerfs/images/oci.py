@@ -145,7 +145,7 @@ class _Reader:
             try:
                 data = self.blobs.read(d)
                 m = parse_manifest(data, self.blobs.where(d.digest), d.media_type)
-                cfg = parse_config(self.blobs.read(m.config), self.blobs.where(m.config.digest))
+                cfg = self.blobs.read_config(m.config)[1]
                 self._platforms[key] = cfg.platform
             except (NotFound, FormatError):
                 self._platforms[key] = None
@@ -224,9 +224,8 @@ class _Reader:
             self.skipped.append((d, f"config media type {m.config.media_type!r} is not an "
                                     "image config"))
             return None
-        config_bytes = self.blobs.read(m.config, mw, "config")
+        config_bytes, cfg = self.blobs.read_config(m.config, mw, "config")
         cw = self.blobs.where(m.config.digest, "config")
-        cfg = parse_config(config_bytes, cw)
         if len(cfg.diff_ids) != len(m.layers):
             raise cw.error(f"config has {len(cfg.diff_ids)} diff_ids but manifest {d.digest} "
                            f"lists {len(m.layers)} layers", "rootfs.diff_ids")
@@ -239,7 +238,7 @@ class _Reader:
             names=[], manifest_digest=d.digest, manifest_media_type=m.media_type,
             manifest_bytes=data, config_digest=m.config.digest, config_bytes=config_bytes,
             config=cfg.doc, layers=list(m.layers), diff_ids=list(cfg.diff_ids),
-            platform=cfg.platform, history=list(cfg.history),
+            platform=cfg.platform, history=cfg.history,   # shared, as config is
             config_media_type=m.config.media_type)
 
 

@@ -165,3 +165,30 @@ def test_huge_documents_refused_before_they_are_parsed(tmp_path, where):
     p = _read_in_1gib(layout)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("FormatError:") and "allowed" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker-archive"])
+def test_config_shared_by_many_images_is_parsed_once(tmp_path, fmt):
+    """One config just under the size limit (~100 MB once parsed) named by 30
+    images: parsed once, not once per image (3 GB)."""
+    layout, img = _layout(tmp_path)
+    cfg = jbytes(dict(img.config, x=None)).replace(b"null", _padding((4 << 20) - 4096))
+    cd = put_blob(layout, cfg)
+    if fmt == "oci":
+        entries = []
+        for i in range(30):
+            m = dict(img.manifest, config=dict(img.manifest["config"], **cd),
+                     annotations={"n": str(i)})
+            md = put_blob(layout, jbytes(m))
+            entries.append({"mediaType": OCI_MANIFEST, **md,
+                            "annotations": {"io.containerd.image.name": f"example.com/a:{i}"}})
+        write_index(layout, entries)
+    else:
+        layer = "blobs/sha256/" + img.layer_digests[0].split(":")[1]
+        with open(os.path.join(layout, "manifest.json"), "w") as f:
+            json.dump([{"Config": "blobs/sha256/" + cd["digest"].split(":")[1],
+                        "RepoTags": [f"example.com/a:{i}"], "Layers": [layer]}
+                       for i in range(30)], f)
+    p = _read_in_1gib(layout)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "30"
