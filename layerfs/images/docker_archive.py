@@ -84,10 +84,12 @@ def _str_list(value, where: Where, field: str, allow_none: bool = False) -> List
 
 
 def _synthesize(files, blobs: Blobs, item_where: Where, field: str, config_digest: str,
-                config_bytes: bytes, layer_paths: List[str], diff_ids: List[str]):
+                config_bytes: bytes, layer_paths: List[str], diff_ids: List[str],
+                hashed: Dict[str, tuple]):
     """An OCI manifest for an image that has none: layer blobs are the files
     manifest.json names; an uncompressed layer's digest is its DiffID (checked
-    when the blob is read), a compressed one is hashed here."""
+    when the blob is read), a compressed one is hashed here, once per file
+    (``hashed``: path -> (digest, media type), shared by the images of a source)."""
     layers = []
     for j, path in enumerate(layer_paths):
         size = files.size(path)
@@ -95,8 +97,10 @@ def _synthesize(files, blobs: Blobs, item_where: Where, field: str, config_diges
         if size is None:
             raise NotFound(f"layer file {path} is missing (referenced by {item_where} field "
                            f"{field}.Layers[{j}])", w.filename, entry=w.entry)
-        comp = detect_compression(files.head(path, 8))
-        if comp == "none":
+        comp = "hashed" if path in hashed else detect_compression(files.head(path, 8))
+        if comp == "hashed":
+            digest, mt = hashed[path]
+        elif comp == "none":
             digest, mt = diff_ids[j], OCI_LAYER
         else:
             h = hashlib.sha256()
@@ -105,6 +109,7 @@ def _synthesize(files, blobs: Blobs, item_where: Where, field: str, config_diges
                     h.update(chunk)
             digest = "sha256:" + h.hexdigest()
             mt = OCI_LAYER_GZIP if comp == "gzip" else OCI_LAYER_ZSTD
+            hashed[path] = (digest, mt)
         blobs.register_path(digest, path)
         blobs.note_size(digest, size)
         layers.append(Descriptor(mt, digest, size))
@@ -145,6 +150,7 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
     images: List[SourceImage] = []
     all_tags: List[str] = []
     configs: Dict[str, tuple] = {}
+    hashed: Dict[str, tuple] = {}
     for i, item in enumerate(doc):
         field = f"[{i}]"
         if not isinstance(item, dict):
@@ -203,7 +209,8 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
                 blobs.check_present(layer, where_m, f"layers[{j}]")
         else:
             manifest_digest, manifest_bytes, layers = _synthesize(
-                files, blobs, mw, field, config_digest, config_bytes, layer_paths, cfg.diff_ids)
+                files, blobs, mw, field, config_digest, config_bytes, layer_paths, cfg.diff_ids,
+                hashed)
             media_type, config_mt, synthesized = OCI_MANIFEST, OCI_CONFIG, True
         images.append(SourceImage(
             names=names, manifest_digest=manifest_digest, manifest_media_type=media_type,

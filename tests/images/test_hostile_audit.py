@@ -192,3 +192,19 @@ def test_config_shared_by_many_images_is_parsed_once(tmp_path, fmt):
     p = _read_in_1gib(layout)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "30"
+
+
+def test_docker_archive_layer_named_by_many_images_is_hashed_once(tmp_path):
+    """A legacy docker-archive (no OCI manifests) whose manifest.json names one
+    20 MB gzip layer in 8000 images: its digest is computed once (160 GB of
+    hashing otherwise)."""
+    layout = str(tmp_path / "archive")
+    os.makedirs(layout)
+    img = build_image(layout, [fill(str(tmp_path / "t"), {"big": os.urandom(20 << 20)})])
+    layer = "blobs/sha256/" + img.layer_digests[0].split(":")[1]
+    config = "blobs/sha256/" + img.config_digest.split(":")[1]
+    with open(os.path.join(layout, "manifest.json"), "w") as f:
+        json.dump([{"Config": config, "RepoTags": None, "Layers": [layer]}] * 8000, f)
+    p = _read_in_child(layout, "linux/amd64")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "8000"
