@@ -32,8 +32,8 @@ from ._model import (Blobs, ImageToWrite, LayerToWrite, SourceImage, blob_path_f
 from .manifest import (INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, MAX_JSON_BLOB,
                        NONDISTRIBUTABLE_TYPES, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
                        OCI_LAYER_ZSTD, OCI_MANIFEST, Descriptor, FormatError, Where,
-                       canonical_json, detect_compression, parse_config, parse_index, parse_json,
-                       parse_manifest, sha256_bytes)
+                       canonical_json, check_uncompressed_layers, detect_compression, parse_config,
+                       parse_index, parse_json, parse_manifest, sha256_bytes)
 
 __all__ = ["ImageToWrite", "LayerToWrite", "read_docker_archive", "write_docker_archive"]
 
@@ -200,6 +200,7 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
             manifest_digest, media_type, layers = desc.digest, m.media_type, list(m.layers)
             where_m = blobs.where(desc.digest)
             config_mt = m.config.media_type
+            check_uncompressed_layers(layers, cfg.diff_ids, where_m)
             for j, layer in enumerate(layers):
                 if layer.media_type not in LAYER_TYPES:
                     raise where_m.error(f"unsupported layer media type {layer.media_type!r}",

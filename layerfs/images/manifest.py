@@ -502,6 +502,17 @@ def check_layers_match(layers: List[Descriptor], diff_ids: List[str], where: Whe
                           f"{len(layers)} layers", "rootfs.diff_ids")
 
 
+def check_uncompressed_layers(layers: List[Descriptor], diff_ids: List[str], where: Where) -> None:
+    """An uncompressed layer's blob is its tar, so its digest must be its DiffID.
+    A media type that says "uncompressed" over a compressed blob would have the
+    blob taken for a tar that can be rebuilt from the unpacked layer."""
+    for i, (layer, diff_id) in enumerate(zip(layers, diff_ids)):
+        if _LAYER_COMPRESSION.get(layer.media_type) == "none" and layer.digest != diff_id:
+            raise where.error(f"media type {layer.media_type!r} says the layer is uncompressed, "
+                              f"but its digest {layer.digest} is not its DiffID {diff_id}",
+                              f"layers[{i}]")
+
+
 def canonical_json(doc: Any) -> bytes:
     """Compact JSON as Go's encoding/json writes it (no spaces, no HTML escaping issue)."""
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -519,5 +530,6 @@ __all__ = [n for n in dir() if n.isupper() and not n.startswith("_")] + [
     "FormatError", "Where", "Descriptor", "Platform", "Manifest", "Index", "ImageConfig",
     "parse_platform", "current_platform", "layer_compression", "detect_compression",
     "parse_json", "parse_manifest", "parse_index", "parse_config", "check_layers_match",
+    "check_uncompressed_layers",
     "check_digest", "verify_blob", "sha256_bytes", "canonical_json", "is_index", "is_manifest",
 ]

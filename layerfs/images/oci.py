@@ -28,8 +28,8 @@ from ._model import (Blobs, ImageToWrite, LayerToWrite, SourceImage, blob_path_f
                      check_image_to_write)
 from .manifest import (ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, CONFIG_TYPES, INDEX_TYPES,
                        LAYER_TYPES, MANIFEST_TYPES, MAX_JSON_BLOB, OCI_INDEX, Descriptor,
-                       FormatError, Platform, Where, canonical_json, parse_config, parse_index,
-                       parse_json, parse_manifest)
+                       FormatError, Platform, Where, canonical_json, check_uncompressed_layers,
+                       parse_config, parse_index, parse_json, parse_manifest)
 
 __all__ = ["ImageToWrite", "LayerToWrite", "NoMatchingPlatform", "read_oci_layout",
            "write_oci_layout", "names_from_annotations"]
@@ -229,6 +229,7 @@ class _Reader:
         if len(cfg.diff_ids) != len(m.layers):
             raise cw.error(f"config has {len(cfg.diff_ids)} diff_ids but manifest {d.digest} "
                            f"lists {len(m.layers)} layers", "rootfs.diff_ids")
+        check_uncompressed_layers(m.layers, cfg.diff_ids, mw)
         for i, layer in enumerate(m.layers):
             if layer.media_type not in LAYER_TYPES:
                 raise mw.error(f"unsupported layer media type {layer.media_type!r}",

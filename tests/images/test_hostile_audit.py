@@ -208,3 +208,15 @@ def test_docker_archive_layer_named_by_many_images_is_hashed_once(tmp_path):
     p = _read_in_child(layout, "linux/amd64")
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "8000"
+
+
+# --- media types that lie ----------------------------------------------------------------------
+
+def test_uncompressed_layer_whose_digest_is_not_its_diff_id(tmp_path):
+    """An uncompressed layer blob is its tar: its digest must be the DiffID."""
+    layout, img = _layout(tmp_path)      # a gzip layer
+    m = dict(img.manifest, layers=[dict(img.manifest["layers"][0],
+                                        mediaType="application/vnd.oci.image.layer.v1.tar")])
+    write_index(layout, [{"mediaType": OCI_MANIFEST, **put_blob(layout, jbytes(m))}])
+    with pytest.raises(FormatError, match=r"layers\[0\].*uncompressed.*DiffID"):
+        open_image_source(layout).images()
