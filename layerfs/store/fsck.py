@@ -148,11 +148,16 @@ def fsck(store, *, content: bool = True, progress: Progress = NULL) -> FsckRepor
                 bad(Problem(what, "the manifest's layers differ from the image record's"))
             if cfg.diff_ids and chain_ids(cfg.diff_ids) != img.chain_ids:
                 bad(Problem(what, "the config's diff_ids do not give the record's ChainIDs"))
-            for l in img.layers:
+            for i, l in enumerate(img.layers):
                 rec = layers.get(l.chain_id)
                 if rec is None:
                     bad(Problem(what, f"layer {l.chain_id} is missing"))
                     continue
+                parent = img.layers[i - 1].chain_id if i else None
+                if rec.diff_id != l.diff_id or rec.parent != parent:
+                    bad(Problem(what, f"layer {l.chain_id} is stored with DiffID {rec.diff_id} "
+                                      f"on parent {rec.parent or '(none)'}; the image has "
+                                      f"DiffID {l.diff_id} on parent {parent or '(none)'}"))
                 if l.digest in blobs:
                     continue
                 try:

@@ -91,6 +91,17 @@ def _fetch(store, src, desc: Descriptor) -> str:
     return tmp
 
 
+def check_reuse(rec: LayerRecord, parent: Optional[str], diff_id: str, label: str) -> None:
+    """A stored layer is reused only as what it is: the same DiffID on the same
+    parent.  A ChainID alone does not say so: a bottom layer's ChainID is its
+    DiffID, which an image may claim to be any other layer's ChainID."""
+    if rec.diff_id != diff_id or rec.parent != parent:
+        raise DigestMismatch(
+            f"layer {rec.chain_id} is stored with DiffID {rec.diff_id} on parent "
+            f"{rec.parent or '(none)'}; the image gives DiffID {diff_id} on parent "
+            f"{parent or '(none)'}", label)
+
+
 def create_layer(store, chain_id: str, parent: Optional[str], diff_id: str,
                  expected_digest: Optional[str], source,
                  task: Task = Task()) -> Tuple[LayerRecord, bool]:
@@ -102,6 +113,7 @@ def create_layer(store, chain_id: str, parent: Optional[str], diff_id: str,
     try:
         rec = store.layer(chain_id)
         if rec is not None:
+            check_reuse(rec, parent, diff_id, store.layer_dir(chain_id))
             return rec, False
         hexid = hex_of(chain_id)
         store._remove_driver_layer(hexid)          # left by a process that died
@@ -168,6 +180,8 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
     fetches: Dict[int, cf.Future] = {}
     for i, (desc, diff_id, cid) in enumerate(zip(img.layers, img.diff_ids, chain)):
         rec = store.layer(cid)
+        if rec is not None:
+            check_reuse(rec, chain[i - 1] if i else None, diff_id, store.layer_dir(cid))
         has_record = rec.record if rec is not None else store.records
         keep = _keeps_blob(store, desc.media_type, has_record)
         plan.append((desc, diff_id, cid, rec, keep))

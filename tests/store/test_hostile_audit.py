@@ -42,3 +42,67 @@ def test_uncompressed_media_type_on_a_gzip_blob_is_refused(make_store, tmp_path)
     with pytest.raises(FormatError, match="uncompressed"):
         s.load(layout)
     _assert_consistent(s)
+
+
+# --- layers claimed by images they do not belong to ----------------------------------------
+
+def _stack_and_impostor(tmp_path):
+    """A two-layer image, and an image whose one uncompressed layer claims as its
+    DiffID the two-layer stack's ChainID (so its own ChainID is that too)."""
+    from layerfs.digest import chain_ids
+    layout = str(tmp_path / "legit")
+    os.makedirs(layout)
+    legit = build_image(layout, [fill(str(tmp_path / "a"), {"a": "1"}),
+                                 fill(str(tmp_path / "b"), {"b": "2"})])
+    write_index(layout, [entry(legit, layout, full="docker.io/library/legit:1")])
+    top = chain_ids(legit.diff_ids)[1]
+    ev = str(tmp_path / "impostor")
+    os.makedirs(os.path.join(ev, "blobs", "sha256"))
+    blob = b"\0" * 1024
+    with open(os.path.join(ev, "blobs", "sha256", top.split(":")[1]), "wb") as f:
+        f.write(blob)
+    cd = put_blob(ev, jbytes({"architecture": "amd64", "os": "linux",
+                              "rootfs": {"type": "layers", "diff_ids": [top]}}))
+    md = put_blob(ev, jbytes({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                              "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                         **cd},
+                              "layers": [{"mediaType": LAYER_TYPES["none"], "digest": top,
+                                          "size": len(blob)}]}))
+    write_index(ev, [_named({"mediaType": OCI_MANIFEST, **md}, "docker.io/library/impostor:1")])
+    return layout, legit, ev, md, cd
+
+
+def test_bottom_layer_claiming_another_layers_chain_id_is_refused(make_store, tmp_path):
+    """Reusing the stack's top layer as the impostor's bottom layer made the
+    impostor depend on a layer its record does not list: removing the legit
+    image then removed that layer from under it."""
+    layout, legit, ev, _, _ = _stack_and_impostor(tmp_path)
+    s = make_store("vfs")
+    s.load(layout)
+    with pytest.raises(DigestMismatch, match="parent"):
+        s.load(ev)
+    _assert_consistent(s, [legit.manifest_digest])
+    s.rmi("legit:1")
+    _assert_consistent(s)
+
+
+def test_fsck_finds_an_image_whose_layers_are_not_its_chain(make_store, tmp_path):
+    """An image record (written here by hand) whose one layer is the top of
+    another image's stack: its blobs and ChainIDs agree with its config, but the
+    layer record has another DiffID and a parent."""
+    from layerfs.store import ImageLayer, ImageRecord
+    layout, legit, ev, md, cd = _stack_and_impostor(tmp_path)
+    s = make_store("vfs")
+    (r,) = s.load(layout)
+    for d in (md, cd):
+        with open(os.path.join(ev, "blobs", "sha256", d["digest"].split(":")[1]), "rb") as f:
+            s.put_blob_bytes(d["digest"], f.read())
+    top = r.image.layers[1].chain_id
+    bad = ImageRecord(md["digest"], OCI_MANIFEST, md["size"], cd["digest"],
+                      "application/vnd.oci.image.config.v1+json", cd["size"],
+                      [ImageLayer(top, top, top, LAYER_TYPES["none"], 1024)], None, None, 0.0)
+    s.put_image(bad)
+    problems = [str(p) for p in s.fsck().problems]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"image {bad.id} ({md['digest']}): layer {top}")
+    assert "DiffID" in problems[0] and "parent" in problems[0]
