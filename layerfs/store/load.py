@@ -157,13 +157,52 @@ def create_layer(store, chain_id: str, parent: Optional[str], diff_id: str,
         lock.release()
 
 
-def _commit_fetched(store, tmp: str, digest: str, verify: bool) -> None:
+def _check_blob_is_layer(path: str, digest: str, diff_id: str) -> None:
+    """Check a layer blob the layer was not made from here: its digest, and that
+    it decompresses to the layer's DiffID."""
+    d = layer_digests(path)
+    if d.digest != digest:
+        raise DigestMismatch(f"layer blob has digest {d.digest}, the manifest says {digest}", path)
+    if d.diff_id != diff_id:
+        raise DigestMismatch(f"layer blob {digest} has DiffID {d.diff_id}, the config says "
+                             f"{diff_id} (the stored layer {diff_id} was not made from it)", path)
+
+
+class _KnownBlobs:
+    """The layer blobs the store's images pair with each DiffID: a blob that made
+    or was checked against a layer.  Read from the image records when first asked."""
+
+    def __init__(self, store):
+        self._store = store
+        self._pairs: Optional[Dict[str, set]] = None
+
+    def pairs(self, digest: str, diff_id: str) -> bool:
+        if digest == diff_id:
+            return True         # an uncompressed blob is the tar itself
+        if self._pairs is None:
+            self._pairs = {}
+            for img in self._store.images():
+                for l in img.layers:
+                    self._pairs.setdefault(l.digest, set()).add(l.diff_id)
+        return diff_id in self._pairs.get(digest, ())
+
+
+def _commit_fetched(store, tmp: str, digest: str, verify: bool,
+                    diff_id: Optional[str] = None) -> None:
+    """Move a fetched blob into blobs/; with verify, check its digest first (and,
+    given a diff_id, that it decompresses to that DiffID)."""
     if verify:
-        actual = sha256_file(tmp)
-        if actual != digest:
+        try:
+            if diff_id is not None and diff_id != digest:
+                _check_blob_is_layer(tmp, digest, diff_id)
+            else:
+                actual = sha256_file(tmp)
+                if actual != digest:
+                    raise DigestMismatch(f"layer blob has digest {actual}, the manifest says "
+                                         f"{digest}", tmp)
+        except BaseException:
             remove_path(tmp)
-            raise DigestMismatch(f"layer blob has digest {actual}, the manifest says {digest}",
-                                 tmp)
+            raise
     if store.durable:
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -188,6 +227,13 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
         if keep and not store.has_blob(desc.digest):
             fetches[i] = pool.submit(_fetch, store, src, desc)
     out = LoadedImage(image=None, names=[])  # type: ignore[arg-type]
+    known = _KnownBlobs(store)
+
+    def check_stored_blob(desc: Descriptor, diff_id: str) -> None:
+        # a layer reused with a blob already stored: the blob must be that layer's
+        if not known.pairs(desc.digest, diff_id):
+            _check_blob_is_layer(store.blob_path(desc.digest), desc.digest, diff_id)
+
     try:
         for i, (desc, diff_id, cid, rec, keep) in enumerate(plan):
             parent = chain[i - 1] if i else None
@@ -204,19 +250,26 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
                 else:
                     out.reused_layers += 1      # another process made it meanwhile
                 if i in fetches:
-                    # the apply checked the copy's digest only if this call applied it
-                    _commit_fetched(store, source, desc.digest, verify=not made)  # type: ignore
+                    # the apply checked the copy's digests only if this call applied it
+                    _commit_fetched(store, source, desc.digest, verify=not made,  # type: ignore
+                                    diff_id=diff_id)
                     out.blobs_written += 1
                     out.bytes_written += desc.size
-                elif not isinstance(source, str):
-                    source.close()  # type: ignore[attr-defined]
+                else:
+                    if not isinstance(source, str):
+                        source.close()  # type: ignore[attr-defined]
+                    if not made and keep:
+                        check_stored_blob(desc, diff_id)
                 task.done()
             else:
                 out.reused_layers += 1
                 if i in fetches:
-                    _commit_fetched(store, fetches[i].result(), desc.digest, verify=True)
+                    _commit_fetched(store, fetches[i].result(), desc.digest, verify=True,
+                                    diff_id=diff_id)
                     out.blobs_written += 1
                     out.bytes_written += desc.size
+                elif keep:
+                    check_stored_blob(desc, diff_id)
     except BaseException:
         for f in fetches.values():
             f.cancel()

@@ -106,3 +106,48 @@ def test_fsck_finds_an_image_whose_layers_are_not_its_chain(make_store, tmp_path
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"image {bad.id} ({md['digest']}): layer {top}")
     assert "DiffID" in problems[0] and "parent" in problems[0]
+
+
+def _impostor_of(layout: str, tmp_path, victim, name: str, files: dict):
+    """An image whose one gzip layer holds ``files`` while its config claims the
+    DiffID of the victim's bottom layer."""
+    img = build_image(layout, [fill(str(tmp_path / name), files)])
+    cd = put_blob(layout, jbytes(dict(img.config, rootfs={"type": "layers",
+                                                          "diff_ids": victim.diff_ids[:1]})))
+    m = dict(img.manifest, config=dict(img.manifest["config"], **cd))
+    return img, {"mediaType": OCI_MANIFEST, **put_blob(layout, jbytes(m))}
+
+
+def test_new_blob_for_a_stored_layer_must_have_its_diff_id(make_store, tmp_path):
+    """The layer exists, so the impostor's blob is not applied; it must still be
+    checked to be that layer, or the store records (and saves) a blob that
+    unpacks to other files under the victim's DiffID."""
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    good = build_image(layout, [fill(str(tmp_path / "good"), {"etc/passwd": "root:x:0:0\n"})])
+    evil, evil_entry = _impostor_of(layout, tmp_path, good, "evil", {"etc/passwd": "evil::0:0\n"})
+    write_index(layout, [entry(good, layout, full="docker.io/library/good:1")])
+    s = make_store("vfs")
+    s.load(layout)
+    write_index(layout, [_named(evil_entry, "docker.io/library/evil:1")])
+    with pytest.raises(DigestMismatch, match="DiffID"):
+        s.load(layout)
+    _assert_consistent(s, [good.manifest_digest])
+    assert not s.has_blob(evil.layer_digests[0])
+
+
+def test_stored_blob_of_another_layer_is_not_taken_for_a_stored_layer(make_store, tmp_path):
+    """The blob is in the store already, as the layer it really is (image "real");
+    the impostor names it for the victim's layer, which is in the store too."""
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    good = build_image(layout, [fill(str(tmp_path / "good"), {"etc/passwd": "root:x:0:0\n"})])
+    evil, evil_entry = _impostor_of(layout, tmp_path, good, "evil", {"etc/passwd": "evil::0:0\n"})
+    write_index(layout, [entry(good, layout, full="docker.io/library/good:1"),
+                         entry(evil, layout, full="docker.io/library/real:1")])
+    s = make_store("vfs")
+    s.load(layout)
+    write_index(layout, [_named(evil_entry, "docker.io/library/evil:1")])
+    with pytest.raises(DigestMismatch, match="DiffID"):
+        s.load(layout)
+    _assert_consistent(s, [good.manifest_digest, evil.manifest_digest])
