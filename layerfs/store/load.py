@@ -302,12 +302,22 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
     return out
 
 
+def _checked_names(names: List[str]) -> List[str]:
+    """The names to give, checked before anything is stored (ReferenceError)."""
+    from ..images import parse_reference
+    for n in names:
+        parse_reference(n)
+    return list(names)
+
+
 def load(store, source, *, platform: Union[Platform, str, None] = None,
          base_name: Optional[str] = None, names: Optional[List[str]] = None,
          progress: Progress = NULL) -> List[LoadedImage]:
     """Load every image of an OCI layout or docker-archive (directory, tarball or
     transport reference; an index narrowed to ``platform``).  ``base_name`` turns
     bare OCI tags into names; ``names`` replaces the source's names."""
+    if names is not None:
+        names = _checked_names(names)
     with store.reading():
         with open_image_source(source, platform=platform, base_name=base_name) as src:
             images = src.images()
@@ -338,6 +348,8 @@ def import_rootfs(store, tarball, name: Optional[str] = None, *,
     as ``docker import`` does: an OCI config with rootfs.diff_ids and a history
     entry, an OCI manifest; named ``name`` when given."""
     tarball = os.fspath(tarball)
+    if name:
+        _checked_names([name])
     plat = current_platform() if platform is None else \
         parse_platform(platform) if isinstance(platform, str) else platform
     with store.reading():

@@ -151,3 +151,26 @@ def test_stored_blob_of_another_layer_is_not_taken_for_a_stored_layer(make_store
     with pytest.raises(DigestMismatch, match="DiffID"):
         s.load(layout)
     _assert_consistent(s, [good.manifest_digest, evil.manifest_digest])
+
+
+# --- failures after the image is stored -----------------------------------------------------
+
+def test_invalid_name_fails_before_anything_is_stored(make_store, tmp_path):
+    from layerfs.images import ReferenceError as BadReference
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    tree = fill(str(tmp_path / "t"), {"f": "1"})
+    img = build_image(layout, [tree])
+    write_index(layout, [entry(img, layout, full="docker.io/library/x:1")])
+    s = make_store("vfs")
+    with pytest.raises(BadReference):
+        s.load(layout, names=["Not A Name"])
+    _assert_consistent(s)
+    assert s.layers() == [] and s.blob_digests() == []
+    tarball = str(tmp_path / "rootfs.tar")
+    import subprocess
+    subprocess.run(["tar", "-C", tree, "-cf", tarball, "."], check=True)
+    with pytest.raises(BadReference):
+        s.import_rootfs(tarball, "Bad Name!")
+    _assert_consistent(s)
+    assert s.layers() == [] and s.blob_digests() == []
