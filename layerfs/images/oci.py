@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -425,7 +426,19 @@ def _write_layout_dir(root: str, images: List[ImageToWrite], new_entries: List[d
                       created: List[str]) -> None:
     """Write blobs that are missing, then index.json (merged) last."""
     blob_dir = os.path.join(root, "blobs", "sha256")
-    os.makedirs(blob_dir, mode=0o755, exist_ok=True)
+    for d in (os.path.join(root, "blobs"), blob_dir):
+        # an existing layout's blob directories must be its own: a symlink would
+        # take the blobs written here out of the layout
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            os.mkdir(d, 0o755)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise FormatError(f"{os.path.relpath(d, root)} is a symlink; blobs are written "
+                              "only into the layout's own directories", d)
+        if not stat.S_ISDIR(st.st_mode):
+            raise FormatError(f"{os.path.relpath(d, root)} is not a directory", d)
     for digest, (kind, payload) in _blob_plan(images).items():
         path = os.path.join(root, blob_path_for(digest))
         size = len(payload) if kind == "bytes" else payload.descriptor.size

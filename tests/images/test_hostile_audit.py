@@ -220,3 +220,25 @@ def test_uncompressed_layer_whose_digest_is_not_its_diff_id(tmp_path):
     write_index(layout, [{"mediaType": OCI_MANIFEST, **put_blob(layout, jbytes(m))}])
     with pytest.raises(FormatError, match=r"layers\[0\].*uncompressed.*DiffID"):
         open_image_source(layout).images()
+
+
+# --- destinations ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("link", ["blobs", "blobs/sha256"])
+def test_writing_into_a_layout_whose_blob_directory_is_a_symlink(tmp_path, link):
+    """Extending a layout must not follow a symlinked blobs/ out of it."""
+    from layerfs.images import ImageToWrite, write_oci_layout
+    layout, img = _layout(tmp_path)
+    write_index(layout, [entry(img, layout, full="docker.io/library/x:1")])
+    dest = tmp_path / "dest"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest.mkdir()
+    write_index(str(dest), [])
+    if link == "blobs/sha256":
+        (dest / "blobs").mkdir()
+    os.symlink(outside, dest / link)
+    with open_image_source(layout) as src:
+        with pytest.raises(FormatError, match="symlink"):
+            write_oci_layout([ImageToWrite.from_source(i, src) for i in src.images()], dest)
+    assert list(outside.iterdir()) == []
