@@ -174,3 +174,138 @@ def test_invalid_name_fails_before_anything_is_stored(make_store, tmp_path):
         s.import_rootfs(tarball, "Bad Name!")
     _assert_consistent(s)
     assert s.layers() == [] and s.blob_digests() == []
+
+
+# --- real processes at once ---------------------------------------------------------------------
+
+_WORKER = """
+import sys
+sys.path.insert(0, {repo!r})
+from layerfs.store import Store
+root, job = sys.argv[1], sys.argv[2]
+args = sys.argv[3:]
+with Store(root) as s:
+    for _ in range(4):
+        if job == "cycle":                    # load an image, then remove it
+            s.load(args[0])
+            s.rmi(args[1])
+        elif job == "prune":
+            s.prune(blobs=True, untagged=True)
+        elif job == "keep":                   # load an image and keep it
+            s.load(args[0])
+        elif job == "tag":
+            s.tag("base:1", "base:keep")
+print("ok")
+"""
+
+
+def test_loads_removals_and_prunes_at_once_keep_what_is_named(make_store, images, tmp_path):
+    """Processes load and remove images on one base, prune (blobs and untagged
+    images too) and tag, all at once: afterwards the named images are whole,
+    nothing is half-made, and fsck finds every digest right."""
+    import subprocess
+    import sys
+    import layerfs
+    from .conftest import expected_tree, trees_equal
+    s = make_store("overlay")
+    s.load(images["only"]["base"])
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER.format(repo=os.path.dirname(os.path.dirname(layerfs.__file__))))
+    jobs = [("cycle", images["only"]["app"], "app:1"),
+            ("cycle", images["only"]["other"], "example.com/team/other:1"),
+            ("prune",), ("keep", images["only"]["base"]), ("tag",), ("prune",)]
+    procs = [subprocess.Popen([sys.executable, str(script), s.root, *job],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for job in jobs]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and out.strip() == "ok", err[-3000:]
+    _assert_consistent(s, [images["base"].manifest_digest])
+    assert s.names() == {"docker.io/library/base:1": images["base"].manifest_digest,
+                         "docker.io/library/base:keep": images["base"].manifest_digest}
+    path = s.mount("base:1")
+    try:
+        assert trees_equal(expected_tree(images, tmp_path, "base"), path) == []
+    finally:
+        s.unmount("base:1")
+    for name in ("app", "other"):      # what the cycles removed loads again, whole
+        (r,) = s.load(images["only"][name])
+        assert r.image.manifest_digest == images[name].manifest_digest
+    _assert_consistent(s, [images[n].manifest_digest for n in ("base", "app", "other")])
+
+
+_DIE_DURING_RMI = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from layerfs.store import Store
+import layerfs.store.store as store_mod
+root, point, ref = sys.argv[1:4]
+real_rename, real_unlink = os.rename, os.unlink
+def die():
+    os._exit(9)
+if point == "layer-renamed":               # a layer's record moved to tmp/, driver layer kept
+    def rename(src, dst, *a, **kw):
+        real_rename(src, dst, *a, **kw)
+        if "/tmp/rm-" in str(dst):
+            die()
+    os.rename = rename
+elif point == "driver-removed":            # the first layer gone from the driver
+    orig = store_mod.Store._remove_driver_layer
+    def remove(self, hexid):
+        orig(self, hexid)
+        die()
+    store_mod.Store._remove_driver_layer = remove
+elif point == "blob-removed":              # one blob unlinked, the rest not yet
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        if "/blobs/sha256/" in str(path):
+            die()
+    os.unlink = unlink
+elif point == "record-dropped":            # the image record gone, its layers not yet
+    orig_gc = store_mod.Store._gc
+    store_mod.Store._gc = lambda self, *a: die()
+with Store(root) as s:
+    if ref == "prune":
+        s.prune(blobs=True, untagged=True)
+    else:
+        s.rmi(ref)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("point", ["record-dropped", "layer-renamed", "driver-removed",
+                                   "blob-removed"])
+@pytest.mark.parametrize("ref", ["app:1", "prune"])
+def test_removal_killed_at_any_point_leaves_the_store_whole(make_store, images, tmp_path,
+                                                            point, ref):
+    import subprocess
+    import sys
+    import layerfs
+    from layerfs.store import Store
+    from .conftest import expected_tree, trees_equal
+    s = make_store("overlay")
+    s.load(images["layout"])
+    if ref == "prune":                        # an unnamed image for prune -a to remove
+        s.rmi("app:1")
+        s.load(images["only"]["app"], names=[])
+    script = tmp_path / "die.py"
+    script.write_text(_DIE_DURING_RMI.format(
+        repo=os.path.dirname(os.path.dirname(layerfs.__file__))))
+    p = subprocess.run([sys.executable, str(script), s.root, point, ref],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 9, p.stdout + p.stderr
+    with Store(s.root) as again:              # opened unused: sweeps
+        kept = {i.manifest_digest for i in again.images()}
+        assert {images["base"].manifest_digest, images["other"].manifest_digest} <= kept
+        _assert_consistent(again, kept)
+        again.prune()
+        _assert_consistent(again, kept)
+        (r,) = again.load(images["only"]["app"])
+        _assert_consistent(again, kept | {images["app"].manifest_digest})
+        for name in ("base", "app", "other"):
+            img = again.image(images[name].manifest_digest)
+            path = again.mount(img.manifest_digest)
+            try:
+                assert trees_equal(expected_tree(images, tmp_path, name), path) == []
+            finally:
+                again.unmount(img.manifest_digest)
