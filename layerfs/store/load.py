@@ -295,7 +295,7 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
             time.time(), str(src.path))
         store.put_image(rec_img)
     out.image = rec_img
-    want = list(names) if names is not None else list(img.names)
+    want = list(names) if names is not None else _tag_names(img.names)
     store.set_names(img.manifest_digest, want)
     out.names = store.names_of(img.manifest_digest)
     out.tags = [] if want else list(img.tags)
@@ -303,11 +303,20 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
 
 
 def _checked_names(names: List[str]) -> List[str]:
-    """The names to give, checked before anything is stored (ReferenceError)."""
+    """The names to give, checked before anything is stored (ReferenceError, or
+    ValueError for a name with a digest: an image is named by tags only)."""
     from ..images import parse_reference
     for n in names:
-        parse_reference(n)
+        if parse_reference(n).digest:
+            raise ValueError(f"cannot name an image with a digest reference: {n!r}")
     return list(names)
+
+
+def _tag_names(names: List[str]) -> List[str]:
+    """A source's names without those that carry a digest: such a name states
+    the image's digest, which is the store's to know, not the source's to say."""
+    from ..images import parse_reference
+    return [n for n in names if not parse_reference(n).digest]
 
 
 def load(store, source, *, platform: Union[Platform, str, None] = None,

@@ -333,8 +333,12 @@ class Store:
         return sorted(n for n, d in names.items() if d == manifest_digest)
 
     def set_names(self, manifest_digest: str, new_names: Iterable[str]) -> None:
-        """Point names at an image (moving them from any other image, as docker tag does)."""
+        """Point names at an image (moving them from any other image, as docker tag does).
+        Names are tags: a reference with a digest is refused (ValueError)."""
         new = [str(reference.parse(n)) for n in new_names]
+        for n in new:
+            if reference.parse(n).digest:
+                raise ValueError(f"cannot name an image with a digest reference: {n!r}")
         if not new:
             return
         with self._meta():

@@ -309,3 +309,24 @@ def test_removal_killed_at_any_point_leaves_the_store_whole(make_store, images, 
                 assert trees_equal(expected_tree(images, tmp_path, name), path) == []
             finally:
                 again.unmount(img.manifest_digest)
+
+
+# --- names --------------------------------------------------------------------------------------
+
+def test_names_with_a_digest_are_not_given(make_store, tmp_path):
+    """A name that carries a digest says what the image's digest is; a source can
+    say anything.  Such a name was stored, shown as the image's repository, and
+    could neither be resolved nor removed."""
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    img = build_image(layout, [fill(str(tmp_path / "t"), {"f": "1"})])
+    other = "sha256:" + "ab" * 32
+    write_index(layout, [entry(img, layout, full=f"docker.io/library/alpine@{other}"),
+                         entry(img, layout, full="docker.io/library/alpine:3")])
+    s = make_store("vfs")
+    with pytest.raises(ValueError, match="digest"):
+        s.load(layout, names=[f"alpine@{img.manifest_digest}"])
+    _assert_consistent(s)
+    (r,) = s.load(layout)
+    assert r.names == ["docker.io/library/alpine:3"]
+    assert s.names() == {"docker.io/library/alpine:3": img.manifest_digest}
