@@ -32,8 +32,9 @@ from ._model import (Blobs, ImageToWrite, LayerToWrite, SourceImage, blob_path_f
 from .manifest import (INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, MAX_JSON_BLOB,
                        NONDISTRIBUTABLE_TYPES, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
                        OCI_LAYER_ZSTD, OCI_MANIFEST, Descriptor, FormatError, Where,
-                       canonical_json, check_uncompressed_layers, detect_compression, parse_config,
-                       parse_index, parse_json, parse_manifest, sha256_bytes)
+                       canonical_json, check_field_names, check_uncompressed_layers,
+                       detect_compression, parse_config, parse_index, parse_json, parse_manifest,
+                       sha256_bytes)
 
 __all__ = ["ImageToWrite", "LayerToWrite", "read_docker_archive", "write_docker_archive"]
 
@@ -155,6 +156,8 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
         field = f"[{i}]"
         if not isinstance(item, dict):
             raise mw.error("must be an object", field)
+        check_field_names(item, ("Config", "RepoTags", "Layers", "Parent", "LayerSources"), mw,
+                          field)
         cfg_field = item.get("Config")
         if not isinstance(cfg_field, str) or not cfg_field:
             raise mw.error("must be a path", f"{field}.Config")

@@ -223,6 +223,7 @@ class Platform:
         where = where or Where("<platform>")
         if not isinstance(obj, dict):
             raise where.error("must be an object", field)
+        check_field_names(obj, PLATFORM_FIELDS, where, field)
         for k in ("os", "architecture"):
             if not isinstance(obj.get(k), str) or not obj.get(k):
                 raise where.error(f"{k} must be a non-empty string", field)
@@ -267,6 +268,34 @@ def current_platform() -> Platform:
     return Platform(system, arch, variant)
 
 
+# --- field names -------------------------------------------------------------------------
+
+def check_field_names(obj: Mapping[str, Any], names, where: Where,
+                      field: Optional[str] = None) -> None:
+    """Refuse a key that differs only in case from a field this object has (as
+    "Layers" from "layers", or "\u017fize" from "size"): Go's encoding/json, which
+    containerd, skopeo, umoci and docker read these documents with, matches
+    fields case-insensitively and would read that key as the field."""
+    folded = {n.casefold(): n for n in names}
+    for k in obj:
+        n = folded.get(k.casefold()) if isinstance(k, str) else None
+        if n is not None and k != n:
+            raise where.error(f"key {k!r} differs only in case from {n!r} (other readers "
+                              "take it for that field)", f"{field}.{k}" if field else k)
+
+
+DESCRIPTOR_FIELDS = ("mediaType", "digest", "size", "urls", "annotations", "data", "platform",
+                     "artifactType")
+PLATFORM_FIELDS = ("architecture", "os", "os.version", "os.features", "variant")
+MANIFEST_FIELDS = ("schemaVersion", "mediaType", "artifactType", "config", "layers", "subject",
+                   "annotations")
+INDEX_FIELDS = ("schemaVersion", "mediaType", "artifactType", "manifests", "subject",
+                "annotations")
+CONFIG_FIELDS = ("created", "author", "architecture", "os", "os.version", "os.features",
+                 "variant", "config", "rootfs", "history")
+ROOTFS_FIELDS = ("type", "diff_ids")
+
+
 # --- descriptors -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -298,6 +327,7 @@ class Descriptor:
         where = where or Where("<descriptor>")
         if not isinstance(obj, dict):
             raise where.error("descriptor must be an object", field)
+        check_field_names(obj, DESCRIPTOR_FIELDS, where, field)
         mt = obj.get("mediaType")
         if not isinstance(mt, str) or not mt:
             raise where.error("mediaType must be a non-empty string", f"{field}.mediaType")
@@ -343,13 +373,30 @@ def detect_compression(head: bytes) -> str:
 
 # --- documents ---------------------------------------------------------------------------
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def parse_json(data: bytes, where: Where, what: str = "document") -> Any:
+    """Parse a JSON document; an object with the same key twice is refused (a
+    reader that keeps the first and one that keeps the last disagree)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise where.error(f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as e:
+        raise where.error(f"{what} has the key {e.args[0]!r} twice in one object") from None
     except json.JSONDecodeError as e:
         raise where.error(f"{what} is not valid JSON: {e.msg} at line {e.lineno} "
                           f"column {e.colno}") from None
@@ -391,6 +438,7 @@ def parse_manifest(data: bytes, where: Where, media_type: Optional[str] = None) 
     """Parse and check an image manifest (OCI or Docker v2 schema 2)."""
     doc = parse_json(data, where, "manifest")
     _check_schema(doc, where, "manifest")
+    check_field_names(doc, MANIFEST_FIELDS + ("manifests",), where)
     mt = _own_media_type(doc, where, "manifest", media_type, MANIFEST_TYPES)
     if mt is None and media_type:
         mt = media_type
@@ -417,6 +465,7 @@ def parse_index(data: bytes, where: Where, media_type: Optional[str] = None) -> 
     """Parse and check an image index (OCI) or manifest list (Docker)."""
     doc = parse_json(data, where, "index")
     _check_schema(doc, where, "index")
+    check_field_names(doc, INDEX_FIELDS + ("config", "layers"), where)
     mt = _own_media_type(doc, where, "index", media_type, INDEX_TYPES)
     if mt is None:
         mt = media_type or OCI_INDEX
@@ -470,9 +519,11 @@ def parse_config(data: bytes, where: Where) -> ImageConfig:
     doc = parse_json(data, where, "config")
     if not isinstance(doc, dict):
         raise where.error("config must be a JSON object")
+    check_field_names(doc, CONFIG_FIELDS, where)
     rootfs = doc.get("rootfs")
     if not isinstance(rootfs, dict):
         raise where.error("must be an object", "rootfs")
+    check_field_names(rootfs, ROOTFS_FIELDS, where, "rootfs")
     if rootfs.get("type") != "layers":
         raise where.error(f"must be 'layers', not {rootfs.get('type')!r}", "rootfs.type")
     ids = rootfs.get("diff_ids")
@@ -530,6 +581,6 @@ __all__ = [n for n in dir() if n.isupper() and not n.startswith("_")] + [
     "FormatError", "Where", "Descriptor", "Platform", "Manifest", "Index", "ImageConfig",
     "parse_platform", "current_platform", "layer_compression", "detect_compression",
     "parse_json", "parse_manifest", "parse_index", "parse_config", "check_layers_match",
-    "check_uncompressed_layers",
+    "check_uncompressed_layers", "check_field_names",
     "check_digest", "verify_blob", "sha256_bytes", "canonical_json", "is_index", "is_manifest",
 ]

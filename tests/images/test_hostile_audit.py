@@ -242,3 +242,52 @@ def test_writing_into_a_layout_whose_blob_directory_is_a_symlink(tmp_path, link)
         with pytest.raises(FormatError, match="symlink"):
             write_oci_layout([ImageToWrite.from_source(i, src) for i in src.images()], dest)
     assert list(outside.iterdir()) == []
+
+
+# --- keys other readers take differently ---------------------------------------------------------
+
+def test_duplicate_key_is_refused(tmp_path):
+    """{"digest": A, "digest": B}: a reader that keeps the first key and one that
+    keeps the last see two different blobs."""
+    layout, img = _layout(tmp_path)
+    e = jbytes(entry(img, layout))
+    text = e.replace(b'"digest":', b'"digest":"sha256:' + b"0" * 64 + b'","digest":', 1)
+    write_index(layout, [])
+    with open(os.path.join(layout, "index.json"), "wb") as f:
+        f.write(b'{"schemaVersion":2,"manifests":[' + text + b"]}")
+    with pytest.raises(FormatError, match="twice"):
+        open_image_source(layout).images()
+
+
+@pytest.mark.parametrize("where", ["manifest", "descriptor", "platform", "config", "rootfs",
+                                   "manifest.json"])
+def test_key_differing_only_in_case_is_refused(tmp_path, where):
+    """Go's encoding/json (containerd, skopeo, umoci, docker) matches struct
+    fields case-insensitively, "Layers" or "ſize" included: a document with such
+    a key means something else to them than to a reader that matches exactly."""
+    layout, img = _layout(tmp_path)
+    other = build_image(layout, [fill(str(tmp_path / "other"), {"x": "y"})])
+    m, c = dict(img.manifest), dict(img.config)
+    top = entry(img, layout)
+    if where == "manifest":
+        m["Layers"] = other.manifest["layers"]
+    elif where == "descriptor":
+        m["layers"] = [dict(m["layers"][0], **{"\u017fize": 1})]      # long s: "size" to Go
+    elif where == "platform":
+        top = dict(top, Platform={"architecture": "arm64", "os": "linux"})
+    elif where == "config":
+        c["Architecture"] = "arm64"
+    elif where == "rootfs":
+        c["rootfs"] = dict(c["rootfs"], DIFF_IDS=other.diff_ids)
+    if where in ("config", "rootfs"):
+        m["config"] = dict(m["config"], **put_blob(layout, jbytes(c)))
+    if where != "manifest.json":
+        top = dict(top, **put_blob(layout, jbytes(m)))
+        write_index(layout, [top])
+    else:
+        with open(os.path.join(layout, "manifest.json"), "w") as f:
+            json.dump([{"Config": "blobs/sha256/" + img.config_digest.split(":")[1],
+                        "config": "blobs/sha256/" + other.config_digest.split(":")[1],
+                        "Layers": ["blobs/sha256/" + img.layer_digests[0].split(":")[1]]}], f)
+    with pytest.raises(FormatError, match="only in case"):
+        open_image_source(layout).images()
