@@ -46,6 +46,8 @@ def _safe_relpath(path: str, where: Where, field: Optional[str]) -> str:
     would point outside the image."""
     if not isinstance(path, str) or not path:
         raise where.error("must be a non-empty path", field)
+    if "\0" in path:
+        raise where.error(f"path {path!r} holds a NUL byte", field)
     if path.startswith("/") or ".." in path.replace("\\", "/").split("/"):
         raise where.error(f"path {path!r} points outside the image", field)
     return clean_member_name(path)

@@ -291,3 +291,18 @@ def test_key_differing_only_in_case_is_refused(tmp_path, where):
                         "Layers": ["blobs/sha256/" + img.layer_digests[0].split(":")[1]]}], f)
     with pytest.raises(FormatError, match="only in case"):
         open_image_source(layout).images()
+
+
+# --- paths in manifest.json ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["Config", "Layers"])
+def test_nul_in_a_manifest_json_path_is_a_format_error(tmp_path, key):
+    layout, img = _layout(tmp_path)
+    item = {"Config": "blobs/sha256/" + img.config_digest.split(":")[1],
+            "Layers": ["blobs/sha256/" + img.layer_digests[0].split(":")[1]]}
+    item[key] = "blobs/sha256/x\0y" if key == "Config" else ["blobs/x\0y"]
+    with open(os.path.join(layout, "manifest.json"), "w") as f:
+        json.dump([item], f)
+    with pytest.raises(FormatError, match="NUL") as e:
+        open_image_source(layout).images()
+    assert e.value.filename.endswith("manifest.json")
