@@ -306,3 +306,64 @@ def test_nul_in_a_manifest_json_path_is_a_format_error(tmp_path, key):
     with pytest.raises(FormatError, match="NUL") as e:
         open_image_source(layout).images()
     assert e.value.filename.endswith("manifest.json")
+
+
+# --- links in archives and directories -------------------------------------------------------------
+
+def _tar_of(layout: str, dest: str, replace: dict) -> str:
+    """A tarball of the layout's files, with members named in ``replace`` made
+    links instead: name -> ("sym" | "hard", target)."""
+    import tarfile
+    with tarfile.open(dest, "w") as tf:
+        for d, _, files in os.walk(layout):
+            for n in sorted(files):
+                p = os.path.join(d, n)
+                name = os.path.relpath(p, layout)
+                if name in replace:
+                    kind, target = replace[name]
+                    ti = tarfile.TarInfo(name)
+                    ti.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                    ti.linkname = target
+                    tf.addfile(ti)
+                else:
+                    tf.add(p, name)
+    return dest
+
+
+@pytest.mark.parametrize("kind,target", [("sym", "ABS"), ("sym", "../../../../../ABS"),
+                                         ("hard", "ABS"), ("hard", "../../ABS")])
+def test_links_in_an_archive_never_reach_the_filesystem(tmp_path, kind, target):
+    """A blob member that links to a file outside the archive, holding exactly
+    the blob's bytes: read in place, the archive has no such member."""
+    from layerfs.errors import NotFound
+    layout, img = _layout(tmp_path)
+    write_index(layout, [entry(img, layout)])
+    name = "blobs/sha256/" + img.layer_digests[0].split(":")[1]
+    outside = str(tmp_path / "outside-copy")
+    with open(os.path.join(layout, name), "rb") as f, open(outside, "wb") as out:
+        out.write(f.read())
+    tarball = _tar_of(layout, str(tmp_path / "image.tar"),
+                      {name: (kind, target.replace("ABS", outside.lstrip("/")
+                                                   if target.startswith("..") else outside))})
+    with pytest.raises(NotFound, match="missing"):
+        open_image_source(tarball).images()
+
+
+def test_manifest_json_symlink_out_of_the_archive_or_directory(tmp_path):
+    from layerfs.errors import NotFound
+    layout, img = _layout(tmp_path)
+    real = str(tmp_path / "real-manifest.json")
+    with open(real, "w") as f:
+        json.dump([{"Config": "blobs/sha256/" + img.config_digest.split(":")[1],
+                    "Layers": ["blobs/sha256/" + img.layer_digests[0].split(":")[1]]}], f)
+    tarball = _tar_of(layout, str(tmp_path / "image.tar"), {})
+    import tarfile
+    with tarfile.open(tarball, "a") as tf:
+        ti = tarfile.TarInfo("manifest.json")
+        ti.type, ti.linkname = tarfile.SYMTYPE, real
+        tf.addfile(ti)
+    with pytest.raises(FormatError, match="neither"):
+        open_image_source(tarball)
+    os.symlink(real, os.path.join(layout, "manifest.json"))
+    with pytest.raises(FormatError, match="outside the image directory"):
+        open_image_source(layout)
