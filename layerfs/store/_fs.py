@@ -13,7 +13,8 @@ from typing import Any, Iterator, Optional, Set, Tuple
 from .._native import COPY_NO_OWNER, COPY_NO_REFLINK, COPY_NO_XATTRS, copy_file
 from ..drivers.base import remove_tree
 
-__all__ = ["Flock", "fsync_dir", "write_atomic", "write_json_atomic", "read_json", "tmp_name",
+__all__ = ["Flock", "fsync_dir", "write_atomic", "write_json_atomic", "read_json",
+           "read_unsynced_json", "tmp_name",
            "copy_blob_file", "disk_usage", "remove_path"]
 
 
@@ -115,6 +116,16 @@ def read_json(path: str) -> Optional[Any]:
             return json.loads(f.read())
     except FileNotFoundError:
         return None
+
+
+def read_unsynced_json(path: str) -> Optional[Any]:
+    """A JSON file written without fsync (a cache, a mount count): None when it
+    does not exist or when a crash left it empty or partly written."""
+    try:
+        doc = read_json(path)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def copy_blob_file(src: str, dst: str) -> None:

@@ -41,8 +41,8 @@ from ..errors import LayerError, NotFound, PreconditionFailed
 from ..images import reference
 from ..images.manifest import layer_compression
 from . import _tarsplit
-from ._fs import (Flock, disk_usage, fsync_dir, read_json, remove_path, tmp_name,
-                  write_atomic, write_json_atomic)
+from ._fs import (Flock, disk_usage, fsync_dir, read_json, read_unsynced_json, remove_path,
+                  tmp_name, write_atomic, write_json_atomic)
 from .records import ImageRecord, LayerRecord, hex_of
 
 STORE_VERSION = 1
@@ -242,7 +242,7 @@ class Store:
     def layer_usage(self, chain_id: str) -> int:
         """Disk bytes of the layer: its driver directory and its record (cached)."""
         d = self.layer_dir(chain_id)
-        cached = read_json(os.path.join(d, "usage.json"))
+        cached = read_unsynced_json(os.path.join(d, "usage.json"))
         if cached and isinstance(cached.get("bytes"), int):
             return cached["bytes"]
         n = disk_usage(self.layer_files(chain_id)) + disk_usage(self.record_path(chain_id)) + \
@@ -404,7 +404,7 @@ class Store:
         return self._p("mounts", img.key + ".json")
 
     def _mount_state(self, img: ImageRecord) -> Tuple[int, Optional[str]]:
-        doc = read_json(self._mount_file(img)) or {}
+        doc = read_unsynced_json(self._mount_file(img)) or {}
         n, path = int(doc.get("count", 0)), doc.get("path")
         if n > 0 and img.top is not None and path:
             from ..drivers.base import is_mountpoint
@@ -443,7 +443,7 @@ class Store:
                 return self._unmount(img, all_mounts)
 
     def _unmount(self, img: ImageRecord, all_mounts: bool) -> int:
-        doc = read_json(self._mount_file(img)) or {}
+        doc = read_unsynced_json(self._mount_file(img)) or {}
         n = int(doc.get("count", 0))
         if n <= 0:
             raise PreconditionFailed(f"image {img.id} is not mounted")

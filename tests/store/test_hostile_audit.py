@@ -330,3 +330,30 @@ def test_names_with_a_digest_are_not_given(make_store, tmp_path):
     (r,) = s.load(layout)
     assert r.names == ["docker.io/library/alpine:3"]
     assert s.names() == {"docker.io/library/alpine:3": img.manifest_digest}
+
+
+# --- files written without fsync ---------------------------------------------------------------
+
+def test_unsynced_state_files_left_empty_by_a_crash(make_store, tmp_path):
+    """usage.json (a cache) and mounts/*.json are renamed into place without
+    fsync: after a power cut they can be empty.  Then df, unmount and rmi must
+    still work (the cache recomputed; a mount count that cannot be read is no
+    mount: the crash took the mounts with it)."""
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    img = build_image(layout, [fill(str(tmp_path / "t"), {"f": "1"})])
+    write_index(layout, [entry(img, layout, full="docker.io/library/x:1")])
+    s = make_store("vfs")
+    (r,) = s.load(layout)
+    s.df()
+    s.mount("x:1")
+    damaged = [os.path.join(s.layer_dir(r.image.layers[0].chain_id), "usage.json")]
+    damaged += [os.path.join(s.root, "mounts", n) for n in os.listdir(os.path.join(s.root, "mounts"))
+                if n.endswith(".json")]
+    assert len(damaged) == 2
+    for p in damaged:
+        open(p, "w").close()
+    assert s.df()["totals"]["layers_size"] > 0
+    s.driver.cleanup()                        # the mounts a power cut takes away
+    s.rmi("x:1")
+    _assert_consistent(s)
