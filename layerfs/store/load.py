@@ -31,14 +31,19 @@ from ..digest import layer_digests, sha256_file
 from ..errors import DigestMismatch
 from ..images import SourceImage, open_image_source
 from ..images.manifest import (OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
-                               OCI_MANIFEST, Descriptor, Platform, canonical_json,
+                               OCI_MANIFEST, Descriptor, FormatError, Platform, canonical_json,
                                current_platform, layer_compression, parse_platform,
                                sha256_bytes)
 from ._fs import copy_blob_file, fsync_dir, remove_path, tmp_name, write_json_atomic
 from .progress import NULL, Progress, Task, watching
 from .records import ImageLayer, ImageRecord, LayerRecord, hex_of
 
-__all__ = ["LoadedImage", "load", "import_rootfs", "create_layer"]
+__all__ = ["LoadedImage", "load", "import_rootfs", "create_layer", "MAX_LAYERS"]
+
+# The deepest layer stack an image may have: docker's layer store allows 125.
+# Every layer is a driver layer (vfs copies its parent whole), and a manifest
+# of a few KiB can list one blob thousands of times.
+MAX_LAYERS = 125
 
 
 @dataclass
@@ -333,6 +338,11 @@ def load(store, source, *, platform: Union[Platform, str, None] = None,
             if not images:
                 from ..errors import NotFound
                 raise NotFound("the source holds no image", str(src.path))
+            for img in images:
+                if len(img.layers) > MAX_LAYERS:
+                    raise FormatError(f"image {img.manifest_digest} has {len(img.layers)} "
+                                      f"layers, more than the {MAX_LAYERS} a stack may have",
+                                      str(src.path))
             if names is not None and len(images) > 1:
                 raise ValueError(f"the source holds {len(images)} images: names can be given "
                                  "only for one (select it, e.g. oci:PATH:TAG)")

@@ -357,3 +357,29 @@ def test_unsynced_state_files_left_empty_by_a_crash(make_store, tmp_path):
     s.driver.cleanup()                        # the mounts a power cut takes away
     s.rmi("x:1")
     _assert_consistent(s)
+
+
+# --- layer stacks ---------------------------------------------------------------------------------
+
+def test_image_deeper_than_the_layer_limit_is_refused_before_storing(make_store, tmp_path):
+    """One 64 KiB layer blob listed 200 times: 200 stacked layers, which vfs
+    stores as 200 full copies (a manifest of a few KiB asks for 12.8 MB, and
+    thousands of layers fit in one manifest).  The store refuses stacks deeper
+    than 125 layers, the depth docker's layer store allows."""
+    from layerfs.store.load import MAX_LAYERS
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    img = build_image(layout, [fill(str(tmp_path / "t"), {"f": os.urandom(64 << 10)})])
+    n = 200
+    cfg = dict(img.config, rootfs={"type": "layers", "diff_ids": img.diff_ids * n},
+               history=[])
+    cd = put_blob(layout, jbytes(cfg))
+    m = dict(img.manifest, config=dict(img.manifest["config"], **cd),
+             layers=img.manifest["layers"] * n)
+    write_index(layout, [_named({"mediaType": OCI_MANIFEST, **put_blob(layout, jbytes(m))},
+                                "docker.io/library/deep:1")])
+    s = make_store("vfs")
+    with pytest.raises(ValueError, match=f"{n} layers.*{MAX_LAYERS}"):
+        s.load(layout)
+    _assert_consistent(s)
+    assert s.layers() == []
