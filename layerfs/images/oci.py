@@ -30,7 +30,7 @@ from ._model import (Blobs, ImageToWrite, LayerToWrite, SourceImage, blob_path_f
 from .manifest import (ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, CONFIG_TYPES, INDEX_TYPES,
                        LAYER_TYPES, MANIFEST_TYPES, MAX_JSON_BLOB, OCI_INDEX, Descriptor,
                        FormatError, Platform, Where, canonical_json, check_uncompressed_layers,
-                       parse_config, parse_index, parse_json, parse_manifest)
+                       parse_index, parse_json, parse_manifest)
 
 __all__ = ["ImageToWrite", "LayerToWrite", "NoMatchingPlatform", "read_oci_layout",
            "write_oci_layout", "names_from_annotations"]
