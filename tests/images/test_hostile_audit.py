@@ -350,7 +350,6 @@ def test_links_in_an_archive_never_reach_the_filesystem(tmp_path, kind, target):
 
 
 def test_manifest_json_symlink_out_of_the_archive_or_directory(tmp_path):
-    from layerfs.errors import NotFound
     layout, img = _layout(tmp_path)
     real = str(tmp_path / "real-manifest.json")
     with open(real, "w") as f:
