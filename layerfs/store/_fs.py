@@ -12,8 +12,10 @@ from typing import Any, Iterator, Optional, Set, Tuple
 
 from .._native import COPY_NO_OWNER, COPY_NO_REFLINK, COPY_NO_XATTRS, copy_file
 from ..drivers.base import remove_tree
+from ..errors import LayerError
 
-__all__ = ["Flock", "fsync_dir", "write_atomic", "write_json_atomic", "read_json",
+__all__ = ["Flock", "fsync_dir", "write_atomic", "write_json_atomic", "read_json", "read_record",
+           "DamagedRecord",
            "read_unsynced_json", "tmp_name",
            "copy_blob_file", "disk_usage", "remove_path"]
 
@@ -109,13 +111,37 @@ def write_json_atomic(path: str, doc: Any, tmp_dir: Optional[str] = None, *,
                  sync=sync)
 
 
+class DamagedRecord(LayerError, ValueError):
+    """A store file that is not the JSON record it should be."""
+
+    def __init__(self, path: str, why: object):
+        LayerError.__init__(self, errno.EUCLEAN, f"damaged record: {why}", path)
+
+
 def read_json(path: str) -> Optional[Any]:
-    """The JSON document at path, or None when the file does not exist."""
+    """The JSON document at path, or None when the file does not exist;
+    DamagedRecord (a ValueError naming the file) when it is not JSON."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:
         return None
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise DamagedRecord(path, e) from None
+
+
+def read_record(path: str, cls) -> Optional[Any]:
+    """``cls.from_json`` of the JSON document at path (None when absent);
+    DamagedRecord when the file is not such a record."""
+    doc = read_json(path)
+    if doc is None:
+        return None
+    try:
+        return cls.from_json(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DamagedRecord(path, f"not a {cls.__name__}: {e!r}") from None
 
 
 def read_unsynced_json(path: str) -> Optional[Any]:

@@ -20,7 +20,8 @@ from ..errors import NotFound
 from ..images.manifest import FormatError, Where, layer_compression, parse_config, parse_manifest
 from . import _tarsplit
 from .progress import NULL, Progress
-from .records import LayerRecord, hex_of
+from ._fs import read_record
+from .records import ImageRecord, LayerRecord, hex_of
 
 __all__ = ["Problem", "FsckReport", "fsck"]
 
@@ -82,9 +83,8 @@ def fsck(store, *, content: bool = True, progress: Progress = NULL) -> FsckRepor
                             "when the store is next opened unused)"))
                 continue
             try:
-                from ._fs import read_json
-                rec = LayerRecord.from_json(read_json(path))
-            except (ValueError, KeyError, TypeError) as e:
+                rec = read_record(path, LayerRecord)
+            except ValueError as e:
                 bad(Problem(f"layer {name}", f"unreadable layer.json: {e}"))
                 continue
             layers[rec.chain_id] = rec
@@ -124,7 +124,22 @@ def fsck(store, *, content: bool = True, progress: Progress = NULL) -> FsckRepor
                     bad(Problem(what, f"the unpacked files no longer rebuild the layer: {e}"))
                 finally:
                     task.done()
-        for img in store.images():
+        records = []
+        for name in sorted(os.listdir(store._p("images"))):
+            if not name.endswith(".json") or len(name) != 69:
+                continue
+            path = store._p("images", name)
+            try:
+                img = read_record(path, ImageRecord)
+            except ValueError as e:
+                bad(Problem(f"image record {path}", str(e)))
+                continue
+            if img is None:
+                continue
+            if img.key + ".json" != name:
+                bad(Problem(f"image record {path}", f"holds image {img.manifest_digest}"))
+            records.append(img)
+        for img in records:
             rep.images += 1
             what = f"image {img.id} ({img.manifest_digest})"
             if img.manifest_digest not in blobs:
@@ -169,8 +184,13 @@ def fsck(store, *, content: bool = True, progress: Progress = NULL) -> FsckRepor
                                       "record to rebuild it from"))
                 elif comp != "none":
                     pass    # pruned on purpose: a docker-archive save is exact, OCI recompresses
-        images = {i.manifest_digest for i in store.images()}
-        for n, d in sorted(store.names().items()):
+        images = {i.manifest_digest for i in records}
+        try:
+            names = store.names()
+        except ValueError as e:
+            bad(Problem("names", str(e)))
+            names = {}
+        for n, d in sorted(names.items()):
             rep.names += 1
             if d not in images:
                 bad(Problem(f"name {n}", f"points at {d}, which is not in the store"))

@@ -41,8 +41,8 @@ from ..errors import LayerError, NotFound, PreconditionFailed
 from ..images import reference
 from ..images.manifest import layer_compression
 from . import _tarsplit
-from ._fs import (Flock, disk_usage, fsync_dir, read_json, read_unsynced_json, remove_path,
-                  tmp_name, write_atomic, write_json_atomic)
+from ._fs import (Flock, disk_usage, fsync_dir, read_json, read_record, read_unsynced_json,
+                  remove_path, tmp_name, write_atomic, write_json_atomic)
 from .records import ImageRecord, LayerRecord, hex_of
 
 STORE_VERSION = 1
@@ -218,17 +218,16 @@ class Store:
 
     # -- layers -----------------------------------------------------------------------------
     def layer(self, chain_id: str) -> Optional[LayerRecord]:
-        doc = read_json(os.path.join(self.layer_dir(chain_id), "layer.json"))
-        return LayerRecord.from_json(doc) if doc else None
+        return read_record(os.path.join(self.layer_dir(chain_id), "layer.json"), LayerRecord)
 
     def layers(self) -> List[LayerRecord]:
         out = []
         for name in sorted(os.listdir(self._p("layers"))):
             if len(name) != 64:
                 continue
-            doc = read_json(self._p("layers", name, "layer.json"))
-            if doc:
-                out.append(LayerRecord.from_json(doc))
+            rec = read_record(self._p("layers", name, "layer.json"), LayerRecord)
+            if rec is not None:
+                out.append(rec)
         return out
 
     def record_path(self, chain_id: str) -> str:
@@ -300,17 +299,16 @@ class Store:
 
     # -- images and names -------------------------------------------------------------------
     def image(self, manifest_digest: str) -> Optional[ImageRecord]:
-        doc = read_json(self._image_path(manifest_digest))
-        return ImageRecord.from_json(doc) if doc else None
+        return read_record(self._image_path(manifest_digest), ImageRecord)
 
     def images(self) -> List[ImageRecord]:
         out = []
         for name in sorted(os.listdir(self._p("images"))):
             if not name.endswith(".json") or len(name) != 69:
                 continue
-            doc = read_json(self._p("images", name))
-            if doc:
-                out.append(ImageRecord.from_json(doc))
+            rec = read_record(self._p("images", name), ImageRecord)
+            if rec is not None:
+                out.append(rec)
         return out
 
     def put_image(self, rec: ImageRecord) -> None:

@@ -383,3 +383,32 @@ def test_image_deeper_than_the_layer_limit_is_refused_before_storing(make_store,
         s.load(layout)
     _assert_consistent(s)
     assert s.layers() == []
+
+
+# --- damaged records ------------------------------------------------------------------------------
+
+def test_fsck_reports_damaged_records_instead_of_failing(make_store, tmp_path):
+    """A damaged image record, layer record or repositories.json is what fsck is
+    for: it reports each (naming the file) and goes on checking the rest; other
+    commands fail naming the file."""
+    layout = str(tmp_path / "l")
+    os.makedirs(layout)
+    a = build_image(layout, [fill(str(tmp_path / "a"), {"a": "1"})])
+    b = build_image(layout, [fill(str(tmp_path / "b"), {"b": "2"})])
+    write_index(layout, [entry(a, layout, full="docker.io/library/a:1"),
+                         entry(b, layout, full="docker.io/library/b:1")])
+    s = make_store("vfs")
+    s.load(layout)
+    record = os.path.join(s.root, "images", a.manifest_digest.split(":")[1] + ".json")
+    with open(record, "w") as f:
+        f.write('{"manifest_digest": ')
+    rep = s.fsck()
+    text = "\n".join(map(str, rep.problems))
+    assert record in text
+    assert rep.images == 1                     # b was checked
+    with pytest.raises(ValueError, match=record):
+        s.images()
+    with open(os.path.join(s.root, "repositories.json"), "w") as f:
+        f.write("{")
+    text = "\n".join(map(str, s.fsck().problems))
+    assert "repositories.json" in text and record in text
