@@ -187,9 +187,14 @@ class _KnownBlobs:
         if self._pairs is None:
             self._pairs = {}
             for img in self._store.images():
-                for l in img.layers:
-                    self._pairs.setdefault(l.digest, set()).add(l.diff_id)
+                self.note(img)
         return diff_id in self._pairs.get(digest, ())
+
+    def note(self, img: ImageRecord) -> None:
+        """Add the pairs of an image record (one this load wrote, or read)."""
+        if self._pairs is not None:
+            for l in img.layers:
+                self._pairs.setdefault(l.digest, set()).add(l.diff_id)
 
 
 def _commit_fetched(store, tmp: str, digest: str, verify: bool,
@@ -218,7 +223,8 @@ def _commit_fetched(store, tmp: str, digest: str, verify: bool,
 
 
 def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
-                progress: Progress, pool: cf.ThreadPoolExecutor) -> LoadedImage:
+                progress: Progress, pool: cf.ThreadPoolExecutor,
+                known: _KnownBlobs) -> LoadedImage:
     chain = img.chain_ids
     plan = []
     fetches: Dict[int, cf.Future] = {}
@@ -232,7 +238,6 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
         if keep and not store.has_blob(desc.digest):
             fetches[i] = pool.submit(_fetch, store, src, desc)
     out = LoadedImage(image=None, names=[])  # type: ignore[arg-type]
-    known = _KnownBlobs(store)
 
     def check_stored_blob(desc: Descriptor, diff_id: str) -> None:
         # a layer reused with a blob already stored: the blob must be that layer's
@@ -300,6 +305,7 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
             time.time(), str(src.path))
         store.put_image(rec_img)
     out.image = rec_img
+    known.note(rec_img)
     want = list(names) if names is not None else _tag_names(img.names)
     store.set_names(img.manifest_digest, want)
     out.names = store.names_of(img.manifest_digest)
@@ -347,7 +353,9 @@ def load(store, source, *, platform: Union[Platform, str, None] = None,
                 raise ValueError(f"the source holds {len(images)} images: names can be given "
                                  "only for one (select it, e.g. oci:PATH:TAG)")
             with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerfs-fetch") as pool:
-                return [_load_image(store, src, img, names, progress, pool) for img in images]
+                known = _KnownBlobs(store)      # read once for all the images of the source
+                return [_load_image(store, src, img, names, progress, pool, known)
+                        for img in images]
 
 
 # --- import --------------------------------------------------------------------------------
