@@ -119,8 +119,8 @@ def check_digest(value: Any, where: Where, field: str) -> str:
     """A descriptor digest: must be "sha256:<64 lowercase hex>"."""
     if not isinstance(value, str):
         raise where.error(f"digest must be a string, not {type(value).__name__}", field)
-    if not _SHA256_RE.match(value):
-        if _ANY_DIGEST_RE.match(value) and not value.startswith("sha256:"):
+    if not _SHA256_RE.fullmatch(value):
+        if _ANY_DIGEST_RE.fullmatch(value) and not value.startswith("sha256:"):
             raise where.error(f"unsupported digest algorithm in {value!r} (only sha256)", field)
         raise where.error(f"not a sha256 digest: {value!r}", field)
     return value

@@ -35,6 +35,8 @@ _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 _TAG_RE = re.compile(rf"^{_TAG}$")
 _DIGEST_RE = re.compile(rf"^{_DIGEST}$")
 _ID_RE = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
+# (matched with fullmatch: "$" alone would let a final newline through, and
+# "alpine:latest\n" would be a name that lists like alpine:latest)
 
 NAME_MAX = 255
 
@@ -93,7 +95,7 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
     digest = None
     if "@" in s:
         s, digest = s.split("@", 1)
-        if not _DIGEST_RE.match(digest):
+        if not _DIGEST_RE.fullmatch(digest):
             raise ReferenceError(f"invalid digest in reference {text!r}")
         algo, hexpart = digest.split(":", 1)
         if algo == "sha256" and len(hexpart) != 64:
@@ -104,18 +106,18 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
     colon = s.rfind(":")
     if colon > slash:
         s, tag = s[:colon], s[colon + 1:]
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise ReferenceError(f"invalid tag {tag!r} in reference {text!r}")
     if not s:
         raise ReferenceError(f"missing repository name in reference {text!r}")
     registry, path = _split_domain(s)
     if registry in _LEGACY_REGISTRIES:
         registry = DEFAULT_REGISTRY
-    if registry != DEFAULT_REGISTRY and not _DOMAIN_RE.match(registry):
+    if registry != DEFAULT_REGISTRY and not _DOMAIN_RE.fullmatch(registry):
         raise ReferenceError(f"invalid registry {registry!r} in reference {text!r}")
     if path.lower() != path:
         raise ReferenceError(f"repository name must be lowercase: {text!r}")
-    if not _PATH_RE.match(path):
+    if not _PATH_RE.fullmatch(path):
         raise ReferenceError(f"invalid repository name {path!r} in reference {text!r}")
     if registry == DEFAULT_REGISTRY and "/" not in path:
         path = "library/" + path
@@ -128,4 +130,4 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
 
 def looks_like_id(text: str) -> bool:
     """A full image/layer id ("sha256:<64 hex>" or 64 hex)."""
-    return bool(_ID_RE.match(text))
+    return bool(_ID_RE.fullmatch(text))

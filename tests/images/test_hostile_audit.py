@@ -366,3 +366,44 @@ def test_manifest_json_symlink_out_of_the_archive_or_directory(tmp_path):
     os.symlink(real, os.path.join(layout, "manifest.json"))
     with pytest.raises(FormatError, match="outside the image directory"):
         open_image_source(layout)
+
+
+# --- digests ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["sha256:../../../../etc/shadow", "sha256:" + "A" * 64,
+                                 "sha256:" + "a" * 63, "sha512:" + "a" * 128, "sha256:" + "a" * 65,
+                                 "sha256:" + "a" * 64 + "\n", "../blobs/sha256/" + "a" * 64])
+@pytest.mark.parametrize("where", ["layer", "config"])
+def test_digests_that_are_not_sha256_hex_never_become_paths(tmp_path, bad, where):
+    """A digest names a file under blobs/; any that is not "sha256:" and 64
+    lowercase hex digits is refused, naming the field, before any path is made."""
+    layout, img = _layout(tmp_path)
+    m = dict(img.manifest)
+    if where == "layer":
+        m["layers"] = [dict(m["layers"][0], digest=bad)]
+    else:
+        m["config"] = dict(m["config"], digest=bad)
+    write_index(layout, [{"mediaType": OCI_MANIFEST, **put_blob(layout, jbytes(m))}])
+    with pytest.raises(FormatError) as e:
+        open_image_source(layout).images()
+    assert e.value.field == ("layers[0].digest" if where == "layer" else "config.digest")
+
+
+@pytest.mark.parametrize("name", ["alpine:latest\n", "alpine\n", "example.com\n/x:1",
+                                  "example.com/x\n:1"])
+def test_names_with_a_trailing_newline_are_not_names(tmp_path, name):
+    """A name such as "alpine:latest\\n" lists like alpine:latest but is another
+    name (a regular expression's "$" matches before a final newline)."""
+    from layerfs.images import ReferenceError as BadReference, parse_reference
+    with pytest.raises(BadReference):
+        parse_reference(name)
+    layout, img = _layout(tmp_path)
+    write_index(layout, [entry(img, layout, full=name)])
+    tar = {"RepoTags": [name], "Config": "blobs/sha256/" + img.config_digest.split(":")[1],
+           "Layers": ["blobs/sha256/" + img.layer_digests[0].split(":")[1]]}
+    with open_image_source(layout) as src:
+        assert src.images()[0].names == []
+    with open(os.path.join(layout, "manifest.json"), "w") as f:
+        json.dump([tar], f)
+    with pytest.raises(FormatError, match="RepoTags"):
+        open_image_source(layout).images()
