@@ -32,7 +32,7 @@ _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}
 
 _PATH_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
 _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
-_TAG_RE = re.compile(rf"^{_TAG}$")
+_TAG_RE = re.compile(rf"^{_TAG}$", re.ASCII)       # \w as Go has it: [0-9A-Za-z_]
 _DIGEST_RE = re.compile(rf"^{_DIGEST}$")
 _ID_RE = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 # (matched with fullmatch: "$" alone would let a final newline through, and

@@ -407,3 +407,14 @@ def test_names_with_a_trailing_newline_are_not_names(tmp_path, name):
         json.dump([tar], f)
     with pytest.raises(FormatError, match="RepoTags"):
         open_image_source(layout).images()
+
+
+def test_tags_are_ascii_as_docker_has_them():
+    """Docker's tag pattern is [\\w][\\w.-]{0,127} with Go's ASCII \\w; Python's \\w
+    takes any letter, and "alpine:l\\u0430test" (a Cyrillic a) lists like
+    alpine:latest."""
+    from layerfs.images import ReferenceError as BadReference, parse_reference
+    for tag in ("l\u0430test", "\u0661", "v\u00e9"):
+        with pytest.raises(BadReference):
+            parse_reference(f"alpine:{tag}")
+    assert parse_reference("alpine:Latest_1.0-x").tag == "Latest_1.0-x"
