@@ -532,6 +532,14 @@ class Store:
                     doomed.add(c)
                     grew = True
 
+        # A layer mounted through the driver without the store counting it (a
+        # `mount` killed before it wrote its count) cannot be removed: it stays,
+        # with the layers under it, until a prune after the unmount.
+        for c in [c for c in doomed if self._driver_view_mounted(hex_of(c))]:
+            while c in records and c in doomed:
+                doomed.discard(c)
+                c = records[c].parent  # type: ignore[assignment]
+
         def depth(c: str) -> int:
             n = 0
             while c in records and records[c].parent:
@@ -557,6 +565,17 @@ class Store:
             out.deleted_blobs.append(d)
         return out
 
+    def _driver_view_mounted(self, hexid: str) -> bool:
+        """Whether the driver has the layer's view mounted (what its remove refuses)."""
+        from ..drivers.base import is_mountpoint
+        try:
+            meta = self.driver.metadata(hexid)
+        except NotFound:
+            return False
+        merged = meta.get("merged")
+        return bool(meta.get("mount_count")) and isinstance(merged, str) and \
+            is_mountpoint(merged)
+
     def _remove_layer(self, chain_id: str) -> int:
         """Make the layer invisible (rename its record away), then remove it from
         the driver; returns the bytes reclaimed."""
@@ -566,7 +585,11 @@ class Store:
             size = self.layer_usage(chain_id)
         trash = tmp_name(self.tmp_dir, f"rm-{hexid[:12]}")
         os.rename(self.layer_dir(chain_id), trash)
-        self._remove_driver_layer(hexid)
+        try:
+            self._remove_driver_layer(hexid)
+        except BaseException:
+            os.rename(trash, self.layer_dir(chain_id))     # the layer stays whole
+            raise
         remove_path(trash)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._p("locks", hexid))
@@ -638,8 +661,12 @@ class Store:
         recorded = {n for n in os.listdir(self._p("layers"))}
         for info in reversed(self.driver.layers()):
             if info.id not in recorded:
-                with contextlib.suppress(NotFound):
+                try:
                     self._remove_driver_layer(info.id)
+                except NotFound:
+                    pass
+                except PreconditionFailed:
+                    continue        # mounted: left for a later sweep (fsck reports it)
                 swept.append(f"driver layer {info.id}")
         for name in os.listdir(self._p("images")):
             if not (name.endswith(".json") and len(name) == 69):

@@ -412,3 +412,32 @@ def test_fsck_reports_damaged_records_instead_of_failing(make_store, tmp_path):
         f.write("{")
     text = "\n".join(map(str, s.fsck().problems))
     assert "repositories.json" in text and record in text
+
+
+# --- mounts the store does not count ---------------------------------------------------------------
+
+def test_removal_of_an_image_whose_layer_is_mounted_uncounted(make_store, images, tmp_path):
+    """A `mount` killed between the driver's mount and writing the store's count
+    leaves the top layer mounted, uncounted (done here by mounting through the
+    driver).  rmi then renamed the layer's record away, failed at the driver
+    (mounted), and every later Store() failed in its sweep: the store was
+    unusable until unmounted by hand.  Now the mounted layers (and those under
+    them) stay, unreferenced, until a prune after the unmount."""
+    from layerfs.store import Store
+    from layerfs.store.records import hex_of
+    s = make_store("overlay")
+    s.load(images["only"]["app"])
+    app = s.image(images["app"].manifest_digest)
+    top = hex_of(app.top)
+    s.driver.mount(top)
+    s.rmi("app:1")
+    assert s.images() == []
+    assert {l.chain_id for l in s.layers()} == set(app.chain_ids)
+    with Store(s.root) as again:
+        _assert_consistent(again)
+        again.prune()
+        assert len(again.layers()) == 3
+        again.driver.unmount(top)
+        again.prune()
+        assert again.layers() == [] and again.driver.layers() == []
+        _assert_consistent(again)
