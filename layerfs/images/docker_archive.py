@@ -165,18 +165,17 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
         layer_paths = [_safe_relpath(p, mw, f"{field}.Layers[{j}]") for j, p in
                        enumerate(_str_list(item.get("Layers"), mw, f"{field}.Layers"))]
         repo_tags = _str_list(item.get("RepoTags"), mw, f"{field}.RepoTags", allow_none=True)
-        names = []
+        unique: Dict[str, None] = {}        # ordered, and a set: linear in the tags
         for k, t in enumerate(repo_tags):
             try:
-                n = str(reference.parse(t))
+                unique[str(reference.parse(t))] = None
             except reference.ReferenceError as e:
                 raise mw.error(str(e), f"{field}.RepoTags[{k}]") from None
-            if n not in names:
-                names.append(n)
+        names = list(unique)
         all_tags.extend(repo_tags)
         if want_index is not None and i != want_index:
             continue
-        if want_ref is not None and str(want_ref) not in names:
+        if want_ref is not None and str(want_ref) not in unique:
             continue
         cw = files.where(cfg_path)
         if files.size(cfg_path) is None:

@@ -310,6 +310,7 @@ def read_oci_layout(files, blobs: Blobs, *, platform: Platform, select: Optional
             else:
                 skipped.append((d, f"media type {d.media_type!r} is not an image"))
     images: "OrderedDict[str, SourceImage]" = OrderedDict()
+    seen: Dict[str, Tuple[Dict[str, None], Dict[str, None]]] = {}  # names, tags: ordered sets
     for j, top, m, index_digest in chosen:
         img = images.get(m.digest)
         if img is None:
@@ -322,11 +323,14 @@ def read_oci_layout(files, blobs: Blobs, *, platform: Platform, select: Optional
             img.annotations = dict(top.annotations or {})
             images[m.digest] = img
         names, tags = names_from_annotations(top.annotations, base_name)
+        have_names, have_tags = seen.setdefault(m.digest, ({}, {}))
         for n in names:
-            if n not in img.names:
+            if n not in have_names:
+                have_names[n] = None
                 img.names.append(n)
         for t in tags:
-            if t not in img.tags:
+            if t not in have_tags:
+                have_tags[t] = None
                 img.tags.append(t)
     return list(images.values())
 

@@ -418,3 +418,20 @@ def test_tags_are_ascii_as_docker_has_them():
         with pytest.raises(BadReference):
             parse_reference(f"alpine:{tag}")
     assert parse_reference("alpine:Latest_1.0-x").tag == "Latest_1.0-x"
+
+
+# --- many names --------------------------------------------------------------------------------------
+
+def test_many_names_for_one_image_take_linear_time(tmp_path):
+    """RepoTags are merged without duplicates: checked against a list, each tag
+    cost a pass over the ones before it (manifest.json holds 300000 short tags
+    within its size limit: 4.5e10 comparisons)."""
+    layout, img = _layout(tmp_path)
+    with open(os.path.join(layout, "manifest.json"), "w") as f:
+        json.dump([{"Config": "blobs/sha256/" + img.config_digest.split(":")[1],
+                    "Layers": ["blobs/sha256/" + img.layer_digests[0].split(":")[1]],
+                    "RepoTags": [f"a:{i}" for i in range(300000)]}], f, separators=(",", ":"))
+    assert os.path.getsize(os.path.join(layout, "manifest.json")) < 4 << 20
+    p = _read_in_child(layout, "linux/amd64")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "1"
