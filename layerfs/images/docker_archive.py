@@ -126,8 +126,9 @@ def _synthesize(files, blobs: Blobs, item_where: Where, field: str, config_diges
 
 def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
                         ) -> List[SourceImage]:
-    """Every image manifest.json lists (or the one ``select`` names: a RepoTag, or
-    "@N" for the N-th entry)."""
+    """Every image manifest.json lists, one per distinct manifest (entries listing
+    the same image again add their tags to it), or the one ``select`` names: a
+    RepoTag, or "@N" for the N-th entry."""
     mw = files.where(MANIFEST_FILE)
     if files.size(MANIFEST_FILE) is None:
         raise NotFound("not a docker-archive: manifest.json is missing", mw.filename,
@@ -148,7 +149,9 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
         else:
             want_ref = reference.parse(select)
     oci = _oci_manifests_by_config(files, blobs)
-    images: List[SourceImage] = []
+    images: List[SourceImage] = []     # one per distinct manifest
+    merged: Dict[str, Dict[str, None]] = {}     # manifest digest -> its names (ordered set)
+    order: Dict[str, int] = {}                  # manifest digest -> index in images
     all_tags: List[str] = []
     configs: Dict[str, tuple] = {}
     hashed: Dict[str, tuple] = {}
@@ -215,6 +218,16 @@ def read_docker_archive(files, blobs: Blobs, *, select: Optional[str] = None
                 files, blobs, mw, field, config_digest, config_bytes, layer_paths, cfg.diff_ids,
                 hashed)
             media_type, config_mt, synthesized = OCI_MANIFEST, OCI_CONFIG, True
+        if manifest_digest in merged:
+            # the same image listed again (another entry, other tags): one image
+            have = merged[manifest_digest]
+            for n in names:
+                if n not in have:
+                    have[n] = None
+                    images[order[manifest_digest]].names.append(n)
+            continue
+        merged[manifest_digest] = dict.fromkeys(names)
+        order[manifest_digest] = len(images)
         images.append(SourceImage(
             names=names, manifest_digest=manifest_digest, manifest_media_type=media_type,
             manifest_bytes=manifest_bytes, config_digest=config_digest,
