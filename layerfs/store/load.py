@@ -226,12 +226,13 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
                 progress: Progress, pool: cf.ThreadPoolExecutor,
                 known: _KnownBlobs) -> LoadedImage:
     chain = img.chain_ids
+    recs = [store.layer(cid) for cid in chain]
+    for i, (rec, diff_id) in enumerate(zip(recs, img.diff_ids)):
+        if rec is not None:         # checked before any blob is fetched into tmp/
+            check_reuse(rec, chain[i - 1] if i else None, diff_id, store.layer_dir(chain[i]))
     plan = []
     fetches: Dict[int, cf.Future] = {}
-    for i, (desc, diff_id, cid) in enumerate(zip(img.layers, img.diff_ids, chain)):
-        rec = store.layer(cid)
-        if rec is not None:
-            check_reuse(rec, chain[i - 1] if i else None, diff_id, store.layer_dir(cid))
+    for i, (desc, diff_id, cid, rec) in enumerate(zip(img.layers, img.diff_ids, chain, recs)):
         has_record = rec.record if rec is not None else store.records
         keep = _keeps_blob(store, desc.media_type, has_record)
         plan.append((desc, diff_id, cid, rec, keep))
