@@ -203,8 +203,10 @@ class Blobs:
             data = self.read(desc, referrer, field)
             hit = (data, parse_config(data, self.where(desc.digest, "config")))
             self._configs[desc.digest] = hit
-        else:
-            verify_blob(hit[0], desc.digest, desc.size, self.where(desc.digest))
+        elif len(hit[0]) != desc.size:    # the bytes were verified against the digest
+            w = self.where(desc.digest)
+            raise DigestMismatch(f"blob {desc.digest}: size is {len(hit[0])} bytes, "
+                                 f"descriptor says {desc.size}", w.filename, entry=w.entry)
         return hit
 
     def open(self, digest: str, *, verify: bool = False, size: Optional[int] = None) -> BinaryIO:
