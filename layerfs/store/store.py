@@ -312,6 +312,10 @@ class Store:
         return out
 
     def put_image(self, rec: ImageRecord) -> None:
+        if self.durable:
+            # the blobs renamed into blobs/ reach the disk before the record
+            # that makes the image visible names them
+            fsync_dir(self._p("blobs", "sha256"))
         write_json_atomic(self._image_path(rec.manifest_digest), rec.to_json(), self.tmp_dir,
                           sync=self.durable)
         if self.durable:
