@@ -37,6 +37,16 @@
  * not in the set and descends into children that are directories in the set,
  * so the marker may come anywhere in the layer.
  *
+ * Prune memo: once a directory has been pruned, everything beneath it is in the
+ * set, and stays so as long as entries reach it by its own path: a second marker
+ * (a layer may repeat them: a few bytes each, a whole directory scan each) finds
+ * nothing to remove.  Each slot keeps the generation (pgen) at which it was
+ * pruned, and a prune that meets a directory pruned in the current generation
+ * skips it.  Only prunes whose directory was reached without symlinks record
+ * or use the memo, and an entry whose parent is reached through a symlink (its
+ * content may land in a pruned directory under a name not in the set) starts a
+ * new generation.
+ *
  * Directory times are recorded (path, times, seq) and applied after the last
  * entry, deepest first, re-resolving each directory in the root and opening it
  * with O_NOFOLLOW (a directory replaced meanwhile is skipped).
@@ -122,6 +132,7 @@ typedef struct pslot {
     uint64_t h;
     uint32_t len;
     uint32_t flags;
+    uint64_t pruned;              /* ctx.pgen when last pruned as a directory, 0 never */
 } pslot;
 
 /* ---- the extraction state ---- */
@@ -202,6 +213,8 @@ typedef struct ctx {
     pslot *slots;
     size_t scap, sn;
     ablk *arena;
+    uint64_t pgen;                  /* prune memo generation (see prune) */
+    uint64_t root_pruned;           /* pgen when the root was last pruned */
 
     /* directory times */
     dtime *dt;
@@ -261,11 +274,17 @@ static pslot *pset_slot(pslot *slots, size_t cap, const char *s, size_t n, uint6
     }
 }
 
+static pslot *pset_find(ctx *c, const char *s, size_t n)
+{
+    if (!c->slots) return NULL;
+    pslot *sl = pset_slot(c->slots, c->scap, s, n, lfs_hash_name(s, n));
+    return sl->s ? sl : NULL;
+}
+
 static unsigned pset_get(ctx *c, const char *s, size_t n)
 {
-    if (!c->slots) return 0;
-    pslot *sl = pset_slot(c->slots, c->scap, s, n, lfs_hash_name(s, n));
-    return sl->s ? sl->flags : 0;
+    pslot *sl = pset_find(c, s, n);
+    return sl ? sl->flags : 0;
 }
 
 /* Add one path; returns 1 if it was new, 0 if it was there, <0 on ENOMEM. */
@@ -457,7 +476,7 @@ static int fix_new_dir(ctx *c, int fd)
 
 /* The fd of directory p[0..n) ("" the root) beneath the root, owned by the chain
  * (valid until the next dir_fd).  create: make missing directories. */
-static int dir_fd(ctx *c, const char *p, size_t n, int create)
+static int dir_fd_walk(ctx *c, const char *p, size_t n, int create)
 {
     if (c->stale) {                     /* an aliased level may be an ancestor of any other */
         c->stale = 0;
@@ -545,6 +564,15 @@ static int dir_fd(ctx *c, const char *p, size_t n, int create)
     }
     chain_push(c, p, n, fd);
     if (!c->alias_level) c->alias_level = first;
+    return fd;
+}
+
+/* dir_fd_walk; a directory reached through a symlink starts a new prune memo
+ * generation, since what is written there is not in the path set by its own path. */
+static int dir_fd(ctx *c, const char *p, size_t n, int create)
+{
+    int fd = dir_fd_walk(c, p, n, create);
+    if (fd >= 0 && c->alias_level) c->pgen++;
     return fd;
 }
 
@@ -1030,12 +1058,26 @@ static int sb_add(struct strbuf *b, const char *s, size_t n)
     return 0;
 }
 
+/* Where directory path p[0..n) records the generation it was pruned in (NULL:
+ * nowhere, it is not in the set). */
+static uint64_t *pruned_mark(ctx *c, const char *p, size_t n)
+{
+    if (n == 0) return &c->root_pruned;
+    pslot *sl = pset_find(c, p, n);
+    return sl ? &sl->pruned : NULL;
+}
+
 /* Remove from directory dfd (path d[0..dn)) everything this layer did not write,
- * descending into directories this layer wrote or put content in. */
-static int prune(ctx *c, int dfd, const char *d, size_t dn)
+ * descending into directories this layer wrote or put content in.  memo: dfd was
+ * reached by its own path, without symlinks (see "Prune memo" above). */
+static int prune(ctx *c, int dfd, const char *d, size_t dn, int memo)
 {
     struct strbuf work = {0}, del = {0};
     int rc = 0;
+    if (memo) {
+        uint64_t *m = pruned_mark(c, d, dn);
+        if (m && *m == c->pgen) return 0;
+    }
     memcpy(c->wpath, d, dn);
     if (sb_add(&work, "", 0) < 0) { rc = efail(c, ENOMEM, d, "out of memory"); goto out; }
     chain_changed(c);
@@ -1082,6 +1124,10 @@ static int prune(ctx *c, int dfd, const char *d, size_t dn)
                     struct stat st;
                     isdir = fstatat(fd, nm, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
                 }
+                if (isdir && memo) {
+                    pslot *sl = pset_find(c, c->wpath, full);
+                    if (sl && sl->pruned == c->pgen) isdir = 0;     /* nothing to do there */
+                }
                 if (isdir && rl + 1 + nl < LFS_PATH_MAX) {
                     char *sub = c->tmp;
                     size_t sl = 0;
@@ -1102,6 +1148,10 @@ static int prune(ctx *c, int dfd, const char *d, size_t dn)
             if (r < 0) { closedir(dir); rc = ectx(c, r); goto out; }
         }
         closedir(dir);
+        if (memo) {                     /* this directory holds only the layer's own now */
+            uint64_t *m = pruned_mark(c, c->wpath, base);
+            if (m) *m = c->pgen;
+        }
     }
 out:
     free(work.p);
@@ -1154,10 +1204,11 @@ static int do_opaque(ctx *c, size_t dl)
         if (fd == -ENOENT || fd == -ENOTDIR) return 0;  /* no directory there to hide anything in */
         if (fd < 0) return fd;
     }
-    int r = ov ? set_opaque(c, fd, dl ? d : "/") : prune(c, fd, d, dl);
+    /* in the set before the prune, which records in d's slot that it was pruned */
+    int r = dl ? pset_add(c, d, dl, PS_ANCESTOR) : 0;
+    if (r == 0) r = ov ? set_opaque(c, fd, dl ? d : "/") : prune(c, fd, d, dl, !dl || !c->alias_level);
     if (fd != c->root_fd) close(fd);
-    if (r < 0) return r;
-    return dl ? pset_add(c, d, dl, PS_ANCESTOR) : 0;
+    return r;
 }
 
 /* A whiteout entry: base starts with ".wh."; the parent is c->name[0..plen). */
@@ -1193,7 +1244,7 @@ static int do_whiteout(ctx *c, size_t plen, const char *base)
         if (fd >= 0) {
             char *t = arena_dup(&c->arena, c->wpath, wl);
             int r = !t ? efail(c, ENOMEM, path, "out of memory")
-                       : ov ? set_opaque(c, fd, t) : prune(c, fd, t, wl);
+                       : ov ? set_opaque(c, fd, t) : prune(c, fd, t, wl, !c->alias_level);
             close(fd);
             return r;
         }
@@ -1367,6 +1418,7 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result 
     c->track = o->whiteouts != LFS_WH_KEEP;
     c->lfd[0] = root_fd;
     c->dgen = 1;
+    c->pgen = 1;
     c->fsuid = (uid_t)setfsuid((uid_t)-1);
     c->fsgid = (gid_t)setfsgid((gid_t)-1);
     c->umask_known = read_umask(&c->umask) == 0;
