@@ -1355,6 +1355,12 @@ static int finish_dirs(ctx *c)
     if (c->ndt > 1) qsort(c->dt, c->ndt, sizeof *c->dt, cmp_dtime);
     for (size_t i = 0; i < c->ndt; i++) {
         const dtime *d = &c->dt[i];
+        /* A directory listed again: its last record wins, and an earlier one
+         * applied first could leave it closed to us (mode 0000 without root). */
+        const dtime *nx = i + 1 < c->ndt ? &c->dt[i + 1] : NULL;
+        if (nx && nx->len == d->len && memcmp(nx->path, d->path, d->len) == 0 &&
+            same_ident(&nx->id, &d->id))
+            continue;
         int fd;
         if (d->len == 0) {
             fd = c->root_fd;

@@ -98,3 +98,47 @@ def test_repeated_opaque_markers_still_prune_after_writes_through_a_symlink(sb):
     assert out.ok, out.describe()
     assert sorted(os.listdir(sb.root / "d")) == ["sub"]
     assert sorted(os.listdir(sb.root / "d" / "sub")) == ["mine"]
+
+
+# ---------------------------------------------------------------- unprivileged callers
+
+def _apply_as_nobody(tmp_path: Path, data: bytes, **options):
+    """Apply data onto tmp_path/root (made here, owned by nobody) in a child that
+    runs as nobody; returns (errno or 0, stderr)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(data)
+    in_fd = os.open(layer, os.O_RDONLY)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    code = ("import os, sys; from layerfs import _native; os.setgroups([]); "
+            "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+            "try:\n"
+            f"    _native.apply({in_fd}, {root_fd}, **{options!r})\n"
+            "except OSError as e:\n"
+            "    print(e, file=sys.stderr); sys.exit(e.errno)")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], pass_fds=[in_fd, root_fd],
+                           capture_output=True, text=True, cwd="/",
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.close(in_fd)
+        os.close(root_fd)
+    return p.returncode, p.stderr
+
+
+def test_unprivileged_directory_listed_twice_with_mode_0000(tmp_path):
+    # Without root, directory modes are set at the end; a directory listed twice
+    # used to be chmodded 0000 by its first record and then could not be opened
+    # for its second one.
+    t = (Tar().dir("d/", mode=0).file("d/f", b"f").dir("d/", mode=0).file("d/g", b"g")
+         .dir("e/", mode=0o500).dir("e/sub/", mode=0).dir("e/", mode=0o500).dir("e/sub/", mode=0))
+    rc, err = _apply_as_nobody(tmp_path, t.bytes(), owners="skip")
+    assert rc == 0, err
+    root = tmp_path / "root"
+    assert stat.S_IMODE(os.lstat(root / "d").st_mode) == 0
+    assert stat.S_IMODE(os.lstat(root / "e").st_mode) == 0o500
+    assert stat.S_IMODE(os.lstat(root / "e" / "sub").st_mode) == 0
+    assert sorted(os.listdir(root / "d")) == ["f", "g"]
+    assert read(root / "d" / "g") == b"g"
