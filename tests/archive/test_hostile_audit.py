@@ -142,3 +142,193 @@ def test_unprivileged_directory_listed_twice_with_mode_0000(tmp_path):
     assert stat.S_IMODE(os.lstat(root / "e" / "sub").st_mode) == 0
     assert sorted(os.listdir(root / "d")) == ["f", "g"]
     assert read(root / "d" / "g") == b"g"
+
+
+# ---------------------------------------------------------------- probes that hold
+
+MODES = ["apply", "overlay", "keep"]
+
+
+@pytest.mark.parametrize("which", ["abs-outside", "rel-climb", "dotdot", "slash"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("no_openat2", [False, True], ids=["openat2", "walk"])
+def test_lower_symlink_under_every_kind_of_entry(sb, monkeypatch, which, mode, no_openat2):
+    # layer 2 onto a tree whose layer 1 planted a symlink to outside: files,
+    # directories, hardlinks (name and target), symlinks, whiteouts and opaque
+    # markers all go through it, with openat2 and with the component walk
+    if no_openat2:
+        monkeypatch.setenv("LAYERFS_NO_OPENAT2", "1")
+    link = _link_targets(sb)[which]
+    sb.make_root(lambda r: (os.symlink(link, r / "link"), (r / "own").write_bytes(b"own")))
+    t = (Tar().file("link/file", EVIL).dir("link/nd/").file("link/nd/f", EVIL)
+         .hardlink("link/h", "own").hardlink("h2", "link/hl").symlink("link/s", "/")
+         .whiteout("link/x").whiteout("link/dir").opaque("link/dir").opaque("link/nd")
+         .symlink("l2", "link/..").file("l2/l2/y", EVIL).whiteout("l2/own"))
+    out = sb.apply(t.bytes(), whiteouts=mode).safe()
+    assert os.path.islink(sb.root / "link")
+    if out.ok and which == "slash":
+        assert read(sb.root / "file") == EVIL
+        assert read(sb.root / "nd" / "f") == EVIL
+
+
+@pytest.mark.parametrize("which", ["abs-outside", "rel-climb", "dotdot", "slash"])
+@pytest.mark.parametrize("mode", MODES)
+def test_directory_replaced_by_symlink_then_whiteouts_below_it(sb, which, mode):
+    # the parent cache held d and d/e when d became a symlink to outside
+    link = _link_targets(sb)[which]
+    t = (Tar().dir("d/").dir("d/e/").file("d/e/f", b"f").symlink("d", link)
+         .whiteout("d/e").whiteout("d/file").whiteout("d/dir").opaque("d").opaque("d/dir")
+         .file("d/e/g", EVIL).hardlink("d/e/h", "d/e/g"))
+    out = sb.apply(t.bytes(), whiteouts=mode).safe()
+    assert out.ok, out.describe()
+    assert os.readlink(sb.root / "d") == os.fsdecode(link)
+
+
+@pytest.mark.parametrize("which", ["abs-outside", "dotdot", "slash"])
+@pytest.mark.parametrize("mode", MODES)
+def test_whiteout_names_as_other_entry_types_under_a_lower_symlink(sb, which, mode):
+    link = _link_targets(sb)[which]
+    sb.make_root(lambda r: os.symlink(link, r / "d"))
+    t = (Tar().symlink("d/.wh..wh..opq", link).dir("d/.wh.file/")
+         .hardlink("d/.wh.dir", "d/.wh..wh..opq").whiteout("d/.wh..wh..opq").fifo("d/.wh.x"))
+    sb.apply(t.bytes(), whiteouts=mode).safe()
+
+
+@pytest.mark.parametrize("which", ["abs-outside", "dotdot"])
+@pytest.mark.parametrize("mode", MODES)
+def test_one_name_as_every_type_in_turn(sb, which, mode):
+    link = _link_targets(sb)[which]
+    t = (Tar().file("f", b"1").dir("f/").symlink("f", link).file("f/x", EVIL).dir("f/y/")
+         .file("f", b"2").symlink("g", link).hardlink("f", "g").file("f/z", EVIL).fifo("f")
+         .dir("f/").file("f/last", b"last"))
+    out = sb.apply(t.bytes(), whiteouts=mode)
+    assert out.ok, out.describe()
+    assert os.path.islink(sb.root / "g")
+    assert sorted(os.listdir(sb.root / "f")) == ["last"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("user_xattr", [False, True])
+def test_overlay_xattrs_dropped_in_every_mode_and_on_every_type(sb, mode, user_xattr):
+    evil = {"SCHILY.xattr.trusted.overlay.opaque": "y", "SCHILY.xattr.user.overlay.opaque": "y",
+            "SCHILY.xattr.trusted.overlay.redirect": "/" + os.fsdecode(sb.abs),
+            "LIBARCHIVE.xattr.trusted%2Eoverlay%2Emetacopy": "", "SCHILY.xattr.user.overlay.origin": "x"}
+    t = (Tar().dir("./", pax=evil).dir("d/", pax=evil).file("f", b"f", pax=evil)
+         .fifo("p", pax=evil).symlink("s", "f", pax={"SCHILY.xattr.trusted.overlay.redirect": "/x"})
+         .dir("d/", pax=evil))
+    out = sb.apply(t.bytes(), whiteouts=mode, overlay_user_xattr=user_xattr)
+    assert out.ok, out.describe()
+    for p in ("", "d", "f", "p", "s"):
+        names = os.listxattr(sb.root / p, follow_symlinks=False)
+        assert not [x for x in names if x.startswith(("trusted.overlay.", "user.overlay."))], (p, names)
+    assert out.result["warnings"] > 0
+
+
+def test_gnu_long_name_and_pax_path_together(sb):
+    # PAX path wins over a GNU 'L' name, whichever of the two is the hostile one
+    from . import tarbuild as tb
+    t = (Tar().raw(tb.pax_header({"path": "ok"})).raw(tb.gnu_long(b"L", b"../../x"))
+         .raw(tb.header("short", size=len(EVIL)) + tb.pad(EVIL)))
+    out = sb.apply(t.bytes())
+    assert out.ok, out.describe()
+    assert os.listdir(sb.root) == ["ok"]
+    shutil.rmtree(sb.root)
+    t = (Tar().raw(tb.gnu_long(b"L", b"fine")).raw(tb.pax_header({"path": "../x"}))
+         .raw(tb.header("short", size=len(EVIL)) + tb.pad(EVIL)))
+    sb.apply(t.bytes()).rejected(entry="../x")
+    t = (Tar().file("inner", b"i").raw(tb.gnu_long(b"K", b"inner"))
+         .raw(tb.pax_header({"linkpath": "../outside/file"})).raw(tb.header("h", typeflag=b"1")))
+    sb.apply(t.bytes()).rejected(entry="h", codes=SAFE_ERRORS)
+
+
+@pytest.mark.parametrize("case", ["file-to-outside-symlink", "through-lower-symlink", "opaque-root",
+                                  "hardlinked-then-replaced"])
+def test_record_of_a_hostile_layer_rebuilds_it_from_inside_the_root(sb, tmp_path, case):
+    from layerfs.archive.tarsplit import reassemble
+    out_link = sb.abs + b"/outside/file"
+    t = {
+        "file-to-outside-symlink": lambda: Tar().file("f", EVIL).symlink("f", out_link),
+        "through-lower-symlink": lambda: Tar().file("link/file", EVIL).file("link/new", EVIL)
+                                              .opaque("link").file("own", EVIL),
+        "opaque-root": lambda: Tar().dir("d/").file("d/f", EVIL).opaque("d").opaque("")
+                                    .file("d/g", EVIL).whiteout("d/f"),
+        "hardlinked-then-replaced": lambda: Tar().file("f", EVIL).hardlink("h", "f").file("f", b"x")
+                                                 .symlink("h", out_link),
+    }[case]()
+    if case == "through-lower-symlink":
+        sb.make_root(lambda r: os.symlink(os.fsdecode(sb.abs) + "/outside", r / "link"))
+    data = t.bytes()
+    rec = sb.inputs / "record"
+    out = sb.apply(data, record=str(rec))
+    assert out.ok, out.describe()
+    before = sb.snap()
+    rebuilt = tmp_path / "rebuilt.tar"
+    reassemble(str(rec), str(sb.root), str(rebuilt))
+    assert rebuilt.read_bytes() == data
+    from .model import assert_same_tree
+    assert_same_tree(before, sb.snap(), "sandbox after reassembly")
+
+
+def test_mode_0000_directories_with_mapped_owners(sb):
+    t = (Tar().dir("./", mode=0o700, uid=5, gid=5).dir("a/", mode=0).file("a/f", b"f", mode=0)
+         .dir("a/b/", mode=0).file("a/b/g", b"g").dir("a/", mode=0, uid=7))
+    out = sb.apply(t.bytes(), owners="map", uid_map=[(0, 100000, 65536)],
+                   gid_map=[(0, 200000, 65536)])
+    assert out.ok, out.describe()
+    st = os.lstat(sb.root / "a")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0, 100007, 200000)
+    assert read(sb.root / "a" / "b" / "g") == b"g"
+    assert (os.lstat(sb.root).st_uid, os.lstat(sb.root).st_gid) == (100005, 200005)
+
+
+def test_file_entries_over_in_root_hardlinks_of_an_outside_file(tmp_path):
+    # a tree may share inodes with files outside it (a driver's copy made with
+    # hard links): an entry replacing such a name, a whiteout of it or a
+    # directory over it must never write through to the shared inode
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"shared\n")
+    os.chmod(outside, 0o640)
+    os.setxattr(outside, "user.keep", b"1")
+    os.utime(outside, ns=(10**18, 10**18))
+    root = tmp_path / "root"
+    root.mkdir()
+    for n in ("f", "g", "h", "w", "d", "s"):
+        os.link(outside, root / n)
+    before = os.lstat(outside)
+    from layerfs.archive import apply_layer
+    t = (Tar().file("f", EVIL, mode=0o4777, uid=1234, pax={"SCHILY.xattr.user.evil": "1"})
+         .hardlink("x", "g").file("g", EVIL).symlink("h", "/etc/shadow").whiteout("w")
+         .dir("d/", mode=0o777).fifo("s").file("x", EVIL))
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(t.bytes())
+    apply_layer(str(layer), str(root))
+    after = os.lstat(outside)
+    assert outside.read_bytes() == b"shared\n"
+    assert (after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns) == \
+        (before.st_mode, before.st_uid, before.st_gid, before.st_mtime_ns)
+    assert os.listxattr(outside) == ["user.keep"]
+    assert after.st_nlink == 1
+    assert read(root / "f") == EVIL and read(root / "g") == EVIL and read(root / "x") == EVIL
+    assert not os.path.lexists(root / "w")
+
+
+def test_sparse_file_with_huge_offsets(tmp_path):
+    from layerfs.archive import apply_layer
+    from layerfs.errors import LayerError
+    far = 1 << 43                            # 8 TiB apparent size, two blocks of data
+    t = Tar().sparse_file("s", [(0, b"a" * 512), (far - 1, b"z")], far)
+    (tmp_path / "l1").write_bytes(t.bytes())
+    apply_layer(str(tmp_path / "l1"), str(tmp_path / "r1"))
+    st = os.lstat(tmp_path / "r1" / "s")
+    assert st.st_size == far and st.st_blocks * 512 < 1 << 20
+    with open(tmp_path / "r1" / "s", "rb") as f:
+        assert f.read(512) == b"a" * 512
+        f.seek(far - 1)
+        assert f.read() == b"z"
+    t = Tar().sparse_file("s", [(1 << 62, b"z")], (1 << 62) + 1)
+    (tmp_path / "l2").write_bytes(t.bytes())
+    with pytest.raises(LayerError) as ei:
+        apply_layer(str(tmp_path / "l2"), str(tmp_path / "r2"))
+    assert ei.value.errno in (errno.EFBIG, errno.EINVAL)
+    assert not os.path.lexists(tmp_path / "r2")
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".r2")] == []
