@@ -637,9 +637,17 @@ static void entry_times(const lfs_entry *e, struct timespec ts[2])
     }
 }
 
+/* xattrs a union filesystem reads from its layer directories as instructions:
+ * overlayfs (trusted.overlay.*, user.overlay.* with userxattr: opaque, redirect,
+ * metacopy, whiteout...) and fuse-overlayfs, the overlay driver's mount program
+ * (user.fuseoverlayfs.opaque hides the lower directories, *.override_stat and
+ * user.containers.* stand in for the owner, mode and security xattrs it shows).
+ * A layer never sets them; where they are on disk, they are not the layer's. */
 static int is_overlay_xattr(const char *name)
 {
-    return has_prefix(name, "trusted.overlay.") || has_prefix(name, "user.overlay.");
+    return has_prefix(name, "trusted.overlay.") || has_prefix(name, "user.overlay.") ||
+           has_prefix(name, "user.fuseoverlayfs.") || has_prefix(name, "security.fuseoverlayfs.") ||
+           has_prefix(name, "user.containers.");
 }
 
 /* xattrs of e on fd (or, fd < 0, on pfd/base without following it). */

@@ -332,3 +332,49 @@ def test_sparse_file_with_huge_offsets(tmp_path):
     assert ei.value.errno in (errno.EFBIG, errno.EINVAL)
     assert not os.path.lexists(tmp_path / "r2")
     assert [n for n in os.listdir(tmp_path) if n.startswith(".r2")] == []
+
+
+# ---------------------------------------------------------------- union-private xattrs
+
+FUSE_PRIVATE = {"SCHILY.xattr.user.fuseoverlayfs.opaque": "y",
+                "SCHILY.xattr.user.fuseoverlayfs.origin": "x",
+                "SCHILY.xattr.user.fuseoverlayfs.override_stat": "0:0:4755",
+                "SCHILY.xattr.security.fuseoverlayfs.override_stat": "0:0:4755",
+                "SCHILY.xattr.user.containers.override_stat": "0:0:4755:file"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fuse_overlayfs_xattrs_never_set_from_archive(sb, mode):
+    # fuse-overlayfs (the overlay driver's mount_program) reads these from its
+    # lower directories, as the kernel reads trusted.overlay.*: a layer must
+    # not be able to plant them
+    t = (Tar().dir("d/", pax=FUSE_PRIVATE).file("f", b"f", pax=FUSE_PRIVATE)
+         .dir("./", pax=FUSE_PRIVATE))
+    out = sb.apply(t.bytes(), whiteouts=mode)
+    assert out.ok, out.describe()
+    for p in ("", "d", "f"):
+        names = os.listxattr(sb.root / p, follow_symlinks=False)
+        assert not [x for x in names if "fuseoverlayfs" in x or x.startswith("user.containers.")], \
+            (p, names)
+    assert out.result["warnings"] > 0
+
+
+def test_fuse_overlayfs_mount_of_layers_sees_what_apply_sees(tmp_path):
+    # the same two layers, flattened by apply_layer and mounted through
+    # fuse-overlayfs from per-layer directories, show the same files
+    from layerfs.archive import apply_layer
+    l1 = Tar().dir("d/").file("d/lower", b"lower").bytes()
+    l2 = Tar().dir("d/", pax={"SCHILY.xattr.user.fuseoverlayfs.opaque": "y"}).file("d/upper", b"u").bytes()
+    for i, data in enumerate((l1, l2)):
+        (tmp_path / f"l{i}.tar").write_bytes(data)
+        apply_layer(str(tmp_path / f"l{i}.tar"), str(tmp_path / f"layer{i}"), whiteouts="overlay")
+        apply_layer(str(tmp_path / f"l{i}.tar"), str(tmp_path / "flat"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={tmp_path / 'layer1'}:{tmp_path / 'layer0'}",
+                    str(mnt)], check=True, capture_output=True)
+    try:
+        seen = sorted(os.listdir(mnt / "d"))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    assert seen == sorted(os.listdir(tmp_path / "flat" / "d")) == ["lower", "upper"]
