@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -112,21 +113,36 @@ class _Staging:
 
 def _verify_first(source: Source, compression: int, expected_digest, expected_diff_id):
     """For in-place application: check the expected digests before touching dest.
-    Returns a source to apply from (a spooled copy for a stream)."""
+    Returns a source to apply from (a spooled copy for a stream, or for a path
+    that is not a regular file: a pipe or FIFO gives its bytes only once), the
+    spool to close, and the name to report."""
     from ..digest import layer_digests
     spool = None
-    if not isinstance(source, (str, bytes, os.PathLike)):
+    name = source_name(source)
+    is_path = isinstance(source, (str, bytes, os.PathLike))
+    if is_path and not stat.S_ISREG(os.stat(source).st_mode):
+        with open(source, "rb") as f:
+            spool = tempfile.TemporaryFile(prefix="layerfs-spool-")
+            shutil.copyfileobj(f, spool, 1 << 20)
+    elif not is_path:
         spool = tempfile.TemporaryFile(prefix="layerfs-spool-")
         shutil.copyfileobj(source, spool, 1 << 20)
-        spool.seek(0)
-        source = spool
-    name = source_name(source)
-    d = layer_digests(source, {v: k for k, v in _native.COMPRESSION_CODES.items()}[compression])
-    _check(name, "digest", expected_digest, d.digest)
-    _check(name, "DiffID", expected_diff_id, d.diff_id)
     if spool is not None:
         spool.seek(0)
-    return source, spool
+        source = spool
+        if not is_path:
+            name = source_name(source)
+    try:
+        d = layer_digests(source, {v: k for k, v in _native.COMPRESSION_CODES.items()}[compression])
+        _check(name, "digest", expected_digest, d.digest)
+        _check(name, "DiffID", expected_diff_id, d.diff_id)
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
+    if spool is not None:
+        spool.seek(0)
+    return source, spool, name
 
 
 def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
@@ -164,11 +180,12 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for i, (src, (exp_digest, exp_diff), rec) in enumerate(zip(sources, expected, records)):
-                spool = None
+                spool = shown = None
                 if not staged and (exp_digest or exp_diff):
-                    src, spool = _verify_first(src, comp, exp_digest, exp_diff)
+                    src, spool, shown = _verify_first(src, comp, exp_digest, exp_diff)
                 try:
                     with open_source(src) as (fd, name):
+                        name = shown or name
                         if rec is None:
                             r = _apply_fd(fd, name, root_fd, comp, options, exp_digest, exp_diff)
                         else:

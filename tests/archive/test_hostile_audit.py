@@ -378,3 +378,67 @@ def test_fuse_overlayfs_mount_of_layers_sees_what_apply_sees(tmp_path):
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
     assert seen == sorted(os.listdir(tmp_path / "flat" / "d")) == ["lower", "upper"]
+
+
+# ---------------------------------------------------------------- expected digests, in place
+
+def _in_place_dest(tmp_path: Path) -> Path:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "old").write_bytes(b"old")
+    return dest
+
+
+def test_expected_digest_in_place_from_a_pipe_path(tmp_path):
+    # A path that is a pipe (/dev/fd/N, as a shell's <(...) gives) yields its
+    # bytes once: checking the digest before touching dest must not use them up.
+    import hashlib
+    import threading
+    from layerfs.archive import apply_layer
+    data = Tar().file("new", b"new").bytes()
+    dest = _in_place_dest(tmp_path)
+    r, w = os.pipe()
+
+    def feed():
+        try:
+            os.write(w, data)
+        finally:
+            os.close(w)
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        res = apply_layer(f"/dev/fd/{r}", dest, expected_digest="sha256:" + hashlib.sha256(data).hexdigest())
+    finally:
+        os.close(r)
+    assert res.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert sorted(os.listdir(dest)) == ["new", "old"]
+
+
+def test_expected_digest_in_place_from_a_fifo_and_a_wrong_digest(tmp_path):
+    # a named FIFO: read once (a second open would wait for a writer that never
+    # comes); a wrong digest leaves dest as it was
+    import hashlib
+    import threading
+    data = Tar().file("new", EVIL).bytes()
+    fifo = tmp_path / "fifo"
+    code = ("import sys; from layerfs.archive import apply_layer\n"
+            "from layerfs.errors import DigestMismatch\n"
+            "try:\n"
+            "    apply_layer(sys.argv[1], sys.argv[2], expected_digest=sys.argv[3])\n"
+            "except DigestMismatch:\n"
+            "    sys.exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for digest, rc in (("sha256:" + hashlib.sha256(data).hexdigest(), 0), ("sha256:" + "4" * 64, 3)):
+        dest = tmp_path / f"dest-{rc}"
+        dest.mkdir()
+        (dest / "old").write_bytes(b"old")
+        os.mkfifo(fifo)
+
+        def feed():
+            with open(fifo, "wb") as f:
+                f.write(data)
+        threading.Thread(target=feed, daemon=True).start()
+        p = subprocess.run([sys.executable, "-c", code, str(fifo), str(dest), digest],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+        os.unlink(fifo)
+        assert p.returncode == rc, p.stderr
+        assert sorted(os.listdir(dest)) == (["new", "old"] if rc == 0 else ["old"])
