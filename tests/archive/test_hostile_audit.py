@@ -442,3 +442,75 @@ def test_expected_digest_in_place_from_a_fifo_and_a_wrong_digest(tmp_path):
         os.unlink(fifo)
         assert p.returncode == rc, p.stderr
         assert sorted(os.listdir(dest)) == (["new", "old"] if rc == 0 else ["old"])
+
+
+# ---------------------------------------------------------------- openat2 against the walk
+
+def _random_layer(rnd, outside: str, files: list) -> bytes:
+    """Directories and symlinks from one pool of names, files at leaves below them
+    (so that most layers apply), hardlinks to files written before (files)."""
+    t = Tar()
+    names = ["a", "b", "c", "a/b", "a/b/c", "b/a", "c/c/c", "x"] + \
+        ["/".join(["d"] * k) for k in (1, 30, 50, 55, 60)]
+    targets = ["/", "..", "../..", "a", "/a/b", "b/../a", outside,
+               "../" * 70 + outside.lstrip("/"), "/d/d/d"]
+    for _ in range(rnd.randint(5, 40)):
+        n = rnd.choice(names)
+        leaf = n + rnd.choice(["/f", "/g"])
+        op = rnd.random()
+        if op < 0.25:
+            t.file(leaf, b"v%d" % rnd.randrange(100))
+            files.append(leaf)
+        elif op < 0.45:
+            t.dir(n + "/", mode=rnd.choice([0o755, 0o700, 0o555]))
+        elif op < 0.6:
+            t.symlink(n, rnd.choice(targets))
+        elif op < 0.7 and files:
+            t.hardlink(leaf, rnd.choice(files))
+        elif op < 0.82:
+            t.whiteout(rnd.choice([n, leaf]))
+        elif op < 0.9:
+            t.opaque(n)
+        else:
+            t.fifo(leaf)
+    return t.bytes()
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_symlink_mazes_same_tree_with_openat2_and_the_walk(tmp_path, monkeypatch, seed):
+    # two random layers of symlinks (in-root, to the root, climbing, to an
+    # outside directory, deeper than the parent cache), directories, files,
+    # hardlinks, whiteouts and opaque markers, applied with openat2 and with the
+    # component walk: the same outcome and tree, and nothing outside changed
+    import random
+    from layerfs.archive import apply_layer
+    from layerfs.errors import LayerError
+    from .model import assert_same_tree
+    rnd = random.Random(seed)
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "f").write_bytes(b"x")
+    before = snapshot(outside, extra=True, include_root=True)
+    layers, files = [], []
+    for i in range(2):
+        p = tmp_path / f"layer{i}"
+        p.write_bytes(_random_layer(rnd, str(outside), files))
+        layers.append(str(p))
+    mode = rnd.choice(MODES)
+    results = []
+    for walk in ("0", "1"):
+        monkeypatch.setenv("LAYERFS_NO_OPENAT2", walk)
+        dest = tmp_path / f"dest{walk}"
+        outcome = []
+        for layer in layers:
+            try:
+                apply_layer(layer, str(dest), whiteouts=mode)
+                outcome.append("ok")
+            except LayerError as e:
+                outcome.append(errno.errorcode.get(e.errno, e.errno))
+        tree = snapshot(dest) if dest.is_dir() else None
+        for node in (tree or {}).values():
+            node.pop("mtime_ns", None)
+        results.append((outcome, tree))
+        assert_same_tree(before, snapshot(outside, extra=True, include_root=True), "outside")
+    assert results[0] == results[1]
