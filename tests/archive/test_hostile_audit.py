@@ -514,3 +514,26 @@ def test_random_symlink_mazes_same_tree_with_openat2_and_the_walk(tmp_path, monk
         results.append((outcome, tree))
         assert_same_tree(before, snapshot(outside, extra=True, include_root=True), "outside")
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("mode", ["apply", "overlay"])
+def test_unprivileged_device_entries(tmp_path, mode):
+    # without root a device entry is refused by name, or skipped with
+    # skip_devices; whiteouts still work in overlay mode (0:0 is allowed)
+    t = (Tar().char("dev/mem", 1, 1, mode=0o666).block("dev/sda", 8, 0).file("f", b"f")
+         .whiteout("gone"))
+    (tmp_path / "a").mkdir()
+    rc, err = _apply_as_nobody(tmp_path / "a", t.bytes(), owners="skip", whiteouts=mode)
+    assert rc == errno.EPERM and "dev/mem" in err, err
+    (tmp_path / "b").mkdir()
+    rc, err = _apply_as_nobody(tmp_path / "b", t.bytes(), owners="skip", whiteouts=mode,
+                               skip_devices=True)
+    assert rc == 0, err
+    root = tmp_path / "b" / "root"
+    assert read(root / "f") == b"f"
+    assert not os.path.lexists(root / "dev" / "mem") and not os.path.lexists(root / "dev" / "sda")
+    if mode == "overlay":
+        st = os.lstat(root / "gone")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and st.st_uid == 65534
+    else:
+        assert not os.path.lexists(root / "gone")
