@@ -5,6 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 #include <openssl/evp.h>
 
 static void copy_str(char *dst, size_t cap, const char *src)
@@ -185,4 +188,53 @@ int lfs_run_workers(void *(*fn)(void *), void *arg, unsigned threads)
         if (r) fail = 1;
     }
     return fail ? -1 : 0;
+}
+
+/* ---- keyed name hash (SipHash-1-3) ---- */
+
+void lfs_hash_key_init(lfs_hash_key *k)
+{
+    uint64_t b[2];
+    if (getrandom(b, sizeof b, GRND_NONBLOCK) != (ssize_t)sizeof b) {
+        /* no entropy pool yet (early boot): still unknown to an archive's author */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        b[0] = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ULL ^ (uint64_t)(uintptr_t)k;
+        b[1] = (uint64_t)ts.tv_sec * 0xc2b2ae3d27d4eb4fULL ^ (uint64_t)getpid();
+    }
+    k->k0 = b[0];
+    k->k1 = b[1];
+}
+
+#define ROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND do { \
+        v0 += v1; v1 = ROTL64(v1, 13); v1 ^= v0; v0 = ROTL64(v0, 32); \
+        v2 += v3; v3 = ROTL64(v3, 16); v3 ^= v2; \
+        v0 += v3; v3 = ROTL64(v3, 21); v3 ^= v0; \
+        v2 += v1; v1 = ROTL64(v1, 17); v1 ^= v2; v2 = ROTL64(v2, 32); \
+    } while (0)
+
+uint64_t lfs_hash_name(const lfs_hash_key *k, const char *s, size_t n)
+{
+    uint64_t v0 = k->k0 ^ 0x736f6d6570736575ULL, v1 = k->k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k->k0 ^ 0x6c7967656e657261ULL, v3 = k->k1 ^ 0x7465646279746573ULL;
+    const unsigned char *p = (const unsigned char *)s;
+    size_t left = n;
+    for (; left >= 8; p += 8, left -= 8) {
+        uint64_t m;
+        memcpy(&m, p, 8);           /* little-endian hosts: the reference byte order */
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
+    }
+    uint64_t b = (uint64_t)n << 56;
+    for (size_t i = 0; i < left; i++) b |= (uint64_t)p[i] << (8 * i);
+    v3 ^= b;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
 }

@@ -209,6 +209,7 @@ typedef struct ctx {
     char cpath[LFS_PATH_MAX];
 
     /* path set */
+    lfs_hash_key hkey;              /* drawn per call: names cannot be chosen to collide */
     int track;
     pslot *slots;
     size_t scap, sn;
@@ -277,7 +278,7 @@ static pslot *pset_slot(pslot *slots, size_t cap, const char *s, size_t n, uint6
 static pslot *pset_find(ctx *c, const char *s, size_t n)
 {
     if (!c->slots) return NULL;
-    pslot *sl = pset_slot(c->slots, c->scap, s, n, lfs_hash_name(s, n));
+    pslot *sl = pset_slot(c->slots, c->scap, s, n, lfs_hash_name(&c->hkey, s, n));
     return sl->s ? sl : NULL;
 }
 
@@ -302,7 +303,7 @@ static int pset_add1(ctx *c, const char *s, size_t n, unsigned flags)
         c->slots = ns;
         c->scap = ncap;
     }
-    uint64_t h = lfs_hash_name(s, n);
+    uint64_t h = lfs_hash_name(&c->hkey, s, n);
     pslot *sl = pset_slot(c->slots, c->scap, s, n, h);
     if (sl->s) {
         sl->flags |= flags;
@@ -1422,6 +1423,7 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result 
     ctx *c = calloc(1, sizeof *c);
     if (!c) return lfs_fail(err, ENOMEM, -1, NULL, NULL, "out of memory");
     c->root_fd = root_fd;
+    lfs_hash_key_init(&c->hkey);
     c->o = o;
     c->res = res;
     c->err = err;

@@ -58,16 +58,12 @@ void lfs_sb_free(lfs_strbuf *b);
 #define LFS_MAX_WORKERS 16
 int lfs_run_workers(void *(*fn)(void *), void *arg, unsigned threads);
 
-/* FNV-1a of n bytes, its high bits folded in: for hash tables of names. */
-static inline uint64_t lfs_hash_name(const char *s, size_t n)
-{
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 0x100000001b3ULL;
-    }
-    return h ^ (h >> 31);
-}
+/* Keyed hash of names (SipHash-1-3) for hash tables of names an archive
+ * chooses: with a key drawn per call, no archive can be made whose names all
+ * land in one chain (which would make a table of n names cost n*n). */
+typedef struct lfs_hash_key { uint64_t k0, k1; } lfs_hash_key;
+void lfs_hash_key_init(lfs_hash_key *k);      /* random (getrandom), per call */
+uint64_t lfs_hash_name(const lfs_hash_key *k, const char *s, size_t n);
 
 /* ---- hardlink map: (dev, ino) -> the path first seen (common.c) ----
  * Zero-initialised is empty; lfs_hl_add copies path. */

@@ -372,6 +372,7 @@ typedef struct pm_file {
 
 typedef struct pm_side {
     int fd;
+    const lfs_hash_key *key;      /* the same for both sides */
     pm_file *f;
     size_t n, cap;
     lfs_strbuf names;             /* the names, NUL-separated (offsets until the end) */
@@ -431,7 +432,7 @@ static void *pm_scan(void *arg)
         pm_file *f = &sd->f[sd->n];
         f->name = (const char *)(uintptr_t)sd->names.len;     /* an offset for now */
         f->len = n;
-        f->hash = lfs_hash_name(s, n);
+        f->hash = lfs_hash_name(sd->key, s, n);
         f->off = (int64_t)lfs_src_offset(src);
         f->size = e->size;
         if (lfs_sb_append(&sd->names, s, n) < 0 || lfs_sb_append(&sd->names, "", 1) < 0) {
@@ -452,7 +453,9 @@ static void *pm_scan(void *arg)
 int lfs_layers_prematch(int fd_a, int fd_b, unsigned threads, lfs_pairs *out, lfs_error *err)
 {
     memset(out, 0, sizeof *out);
-    pm_side sa = {.fd = fd_a}, sb = {.fd = fd_b};
+    lfs_hash_key key;
+    lfs_hash_key_init(&key);
+    pm_side sa = {.fd = fd_a, .key = &key}, sb = {.fd = fd_b, .key = &key};
     sa.err.offset = sb.err.offset = -1;
     pthread_t th;
     int threaded = pthread_create(&th, NULL, pm_scan, &sa) == 0;
