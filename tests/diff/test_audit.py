@@ -1,0 +1,421 @@
+"""The diff engine against an independent reference model.
+
+The model walks two directory trees with os.lstat / os.readlink /
+os.listxattr and lists the changes by the rules the module docstrings give
+(type, permission bits, owner, device numbers, symlink target, xattrs, size,
+mtime with the tar whole-second rule, hardlink groups, content), in the
+documented shape (parents first, a deleted directory as one record, an added
+one followed by its entries) with the summary's byte counts (each hardlink
+group once, a deleted directory's files included).  compare() must give that
+answer for every way of presenting the same two trees: directories, overlay
+upper directories, layer tarballs written by create_layer and by GNU tar
+(plain, gzip, zstd) and OCI layouts, in mixed pairs too.
+
+Layer stacks are checked against stacks applied by layerfs.archive, and the
+waste accounting of analyze_layers against the copies an applied image
+still holds.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from pathlib import Path
+
+from hypothesis import example, given, settings, strategies as st
+
+from layerfs.archive import create_layer, unpack_layers
+from layerfs.diff import analyze_layers, compare, layer_stack
+
+from .test_sources import TarBuilder, gnu_tar, mk, write_oci
+
+S = 1_000_000_000
+T0 = 1_700_000_000_123_456_789
+PRIVATE = ("trusted.overlay.", "user.overlay.")
+
+# ----------------------------------------------------------------- the reference model
+
+
+def walk(root: Path):
+    """path ("/a/b", str with surrogateescape) -> facts about the entry, by lstat."""
+    out = {}
+    rootb = os.fsencode(root)
+
+    def visit(full: bytes, rel: bytes):
+        st_ = os.lstat(full)
+        fmt = stat.S_IFMT(st_.st_mode)
+        t = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
+             stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo"}[fmt]
+        try:
+            names = os.listxattr(full, follow_symlinks=False)
+        except OSError:
+            names = []
+        e = {
+            "type": t, "mode": stat.S_IMODE(st_.st_mode), "uid": st_.st_uid, "gid": st_.st_gid,
+            "size": st_.st_size if t == "file" else 0, "mtime": st_.st_mtime_ns,
+            "ino": st_.st_ino, "nlink": st_.st_nlink,
+            "rdev": (os.major(st_.st_rdev), os.minor(st_.st_rdev)) if t in ("char", "block")
+            else None,
+            "linkname": os.fsdecode(os.readlink(full)) if t == "symlink" else "",
+            "xattrs": {n: os.getxattr(full, n, follow_symlinks=False) for n in names
+                       if not n.startswith(PRIVATE)},
+            "data": open(full, "rb").read() if t == "file" else None,
+        }
+        out["/" + os.fsdecode(rel) if rel else "/"] = e
+        if t == "dir":
+            for n in os.listdir(full):
+                visit(full + b"/" + n, rel + b"/" + n if rel else n)
+
+    visit(rootb, b"")
+    return out
+
+
+def path_order(p: str):
+    """Parents first, then each directory's entries by name as bytes."""
+    return tuple(os.fsencode(p).split(b"/")[1:]) if p != "/" else ()
+
+
+def others(tree, path):
+    """The other paths of path's hardlink group (regular files sharing an inode)."""
+    e = tree[path]
+    if e["type"] != "file" or e["nlink"] < 2:
+        return ()
+    return tuple(sorted(p for p, o in tree.items()
+                        if p != path and o["type"] == "file" and o["ino"] == e["ino"]))
+
+
+def mtime_same(a, a_tar, b, b_tar):
+    """Equal to the nanosecond, or the same second when a tar header without a
+    sub-second part is on either side."""
+    if a == b:
+        return True
+    if (a_tar and a % S == 0) or (b_tar and b % S == 0):
+        return a // S == b // S
+    return False
+
+
+def expected(ta, tb, a_tar, b_tar, ignore=frozenset()):
+    """The reference answer: [(code, path, type, fields, hardlinks)] and the summary."""
+    both_dirs = not a_tar and not b_tar
+    out = []
+    summ = dict(added=0, deleted=0, modified=0, type_changed=0, bytes_added=0, bytes_removed=0)
+    seen_add, seen_del = set(), set()
+
+    def count(tree, p, seen, key):
+        e = tree[p]
+        if e["type"] != "file":
+            return
+        g = ("ino", e["ino"]) if e["nlink"] > 1 else ("path", p)
+        if g not in seen:
+            seen.add(g)
+            summ[key] += e["size"]
+
+    def subtree(tree, p):
+        return [q for q in tree if q.startswith(p.rstrip("/") + "/")]
+
+    def removed_with_subtree(p):
+        count(ta, p, seen_del, "bytes_removed")
+        if ta[p]["type"] == "dir":
+            for q in sorted(subtree(ta, p), key=path_order):
+                count(ta, q, seen_del, "bytes_removed")
+
+    skipped = set()
+    for p in sorted(set(ta) | set(tb), key=path_order):
+        if p in skipped:
+            continue
+        a, b = ta.get(p), tb.get(p)
+        if b is None:
+            out.append(("D", p, a["type"], {}, others(ta, p)))
+            summ["deleted"] += 1
+            removed_with_subtree(p)
+            skipped.update(subtree(ta, p))
+            continue
+        if a is None:
+            out.append(("A", p, b["type"], {}, others(tb, p)))
+            summ["added"] += 1
+            count(tb, p, seen_add, "bytes_added")
+            continue
+        if a["type"] != b["type"]:
+            out.append(("T", p, b["type"], {"type": (a["type"], b["type"])}, others(tb, p)))
+            summ["type_changed"] += 1
+            removed_with_subtree(p)
+            count(tb, p, seen_add, "bytes_added")
+            if a["type"] == "dir":
+                skipped.update(subtree(ta, p))
+            continue
+        t = a["type"]
+        f = {}
+        if t != "symlink" and a["mode"] != b["mode"] and "mode" not in ignore:
+            f["mode"] = (a["mode"], b["mode"])
+        for k in ("uid", "gid"):
+            if a[k] != b[k] and k not in ignore:
+                f[k] = (a[k], b[k])
+        if t in ("char", "block") and a["rdev"] != b["rdev"]:
+            f["rdev"] = (a["rdev"], b["rdev"])
+        if t == "file" and a["size"] != b["size"]:
+            f["size"] = (a["size"], b["size"])
+        if t != "dir" and "mtime" not in ignore and \
+                not mtime_same(a["mtime"], a_tar, b["mtime"], b_tar):
+            f["mtime"] = (a["mtime"], b["mtime"])
+        if t == "symlink" and a["linkname"] != b["linkname"]:
+            f["linkname"] = (a["linkname"], b["linkname"])
+        if "xattr" not in ignore:
+            for n in sorted(set(a["xattrs"]) | set(b["xattrs"])):
+                if a["xattrs"].get(n) != b["xattrs"].get(n):
+                    f["xattr:" + n] = (a["xattrs"].get(n), b["xattrs"].get(n))
+        oa, ob = others(ta, p), others(tb, p)
+        if oa != ob:
+            f["hardlinks"] = (oa, ob)
+        if t == "file":
+            if a["size"] != b["size"]:
+                differs = True
+            elif both_dirs and "mtime" not in ignore and a["mtime"] == b["mtime"] and \
+                    a["mtime"] % S != 0:
+                differs = False          # the documented trust in equal ns mtimes
+            else:
+                differs = a["data"] != b["data"]
+            if differs:
+                f["content"] = None
+        if f:
+            out.append(("M", p, t, f, ob))
+            summ["modified"] += 1
+            if "content" in f:
+                count(ta, p, seen_del, "bytes_removed")
+                count(tb, p, seen_add, "bytes_added")
+    return out, summ
+
+
+VALUED = ("type", "mode", "uid", "gid", "rdev", "size", "linkname", "hardlinks")
+
+
+def got(d):
+    """The engine's answer in the reference's shape."""
+    out = []
+    for c in d:
+        f = {k: (None if k in ("content", "mtime") else v) for k, v in c.fields.items()}
+        out.append((c.code, c.path, c.type, f, c.hardlinks))
+    s = d.summary
+    return out, dict(added=s.added, deleted=s.deleted, modified=s.modified,
+                     type_changed=s.type_changed, bytes_added=s.bytes_added,
+                     bytes_removed=s.bytes_removed)
+
+
+def strip_mtime_values(records):
+    return [(code, p, t, {k: (None if k in ("mtime", "content") else v)
+                          for k, v in f.items()}, h)
+            for code, p, t, f, h in records]
+
+
+# ----------------------------------------------------------------- trees
+
+NAMES = ["a", "b c", "n\nl", os.fsdecode(b"\xff\xfe"), "\u00e9"]
+POOL = NAMES + [f"{d}/{n}" for d in NAMES[:2] for n in NAMES]
+XATTRS = [None, {"user.k": b"v1"}, {"user.k": b"v2"},
+          {"user.k": b"v1", "trusted.overlay.origin": b"o"}]
+TARGETS = ["a", "../b c", "/x", os.fsdecode(b"\xfe")]
+DATA = [b"", b"x", b"y", b"hello world\n", b"hello world!", b"A" * 5000,
+        b"A" * 4999 + b"B", b"B" + b"A" * 4999]
+MTIMES = [100 * S, 100 * S + 500_000_000, 100 * S + 5, 101 * S, T0]
+OWNERS = [(0, 0), (1000, 0), (0, 100)]
+
+file_entry = st.tuples(st.just("file"), st.sampled_from(range(len(DATA))),
+                       st.sampled_from([0o644, 0o600, 0o4755]), st.sampled_from(MTIMES),
+                       st.sampled_from(OWNERS), st.sampled_from(XATTRS))
+# a hardlink to the n-th regular file of the tree
+link_entry = st.tuples(st.just("link"), st.integers(0, 9))
+entry = st.one_of(
+    file_entry, file_entry, link_entry,
+    st.tuples(st.just("dir"), st.sampled_from([0o755, 0o700]),
+              st.sampled_from([None, {"user.d": b"1"}]), st.sampled_from(OWNERS)),
+    st.tuples(st.just("symlink"), st.sampled_from(TARGETS), st.sampled_from(MTIMES),
+              st.sampled_from(OWNERS)),
+    st.tuples(st.just("fifo"), st.sampled_from([0o644, 0o600]), st.sampled_from(MTIMES)),
+    st.tuples(st.sampled_from(["char", "block"]), st.sampled_from([(1, 3), (1, 5)]),
+              st.sampled_from(MTIMES)),
+)
+spec_strategy = st.dictionaries(st.sampled_from(POOL), entry, min_size=1, max_size=10)
+# the new tree: the old one with a few entries changed in one field each,
+# removed, replaced, or made a hardlink
+EDIT_OPS = ("data", "data", "data", "mode", "mtime", "owner", "xattrs", "target", "delete", "replace")
+# (a path of the old tree by number, or any path)
+edits_strategy = st.lists(st.tuples(st.one_of(st.integers(0, 20), st.sampled_from(POOL)),
+                                    st.sampled_from(EDIT_OPS), st.integers(0, 7), entry),
+                          min_size=1, max_size=6)
+_FIELD = {  # op -> {kind: (index in the tuple, choices)}
+    "data": {"file": (1, range(len(DATA)))},
+    "mode": {"file": (2, [0o644, 0o600, 0o4755]), "dir": (1, [0o755, 0o700]),
+             "fifo": (1, [0o644, 0o600])},
+    "mtime": {"file": (3, MTIMES), "symlink": (2, MTIMES), "fifo": (2, MTIMES),
+              "char": (2, MTIMES), "block": (2, MTIMES)},
+    "owner": {"file": (4, OWNERS), "dir": (3, OWNERS), "symlink": (3, OWNERS)},
+    "xattrs": {"file": (5, XATTRS), "dir": (2, [None, {"user.d": b"1"}, {"user.d": b"2"}])},
+    "target": {"symlink": (1, TARGETS), "char": (1, [(1, 3), (1, 5)]),
+               "block": (1, [(1, 3), (1, 5)]), "link": (1, range(10))},
+}
+
+
+def edited(spec, edits):
+    new = dict(spec)
+    for p, op, k, e in edits:
+        if isinstance(p, int):
+            if not new:
+                continue
+            p = sorted(new)[p % len(new)]
+        if op == "delete":
+            new.pop(p, None)
+        elif op == "replace" or p not in new:
+            new[p] = e
+        else:
+            cur = new[p]
+            f = _FIELD.get(op, {}).get(cur[0])
+            if f is not None:
+                i, choices = f
+                choices = list(choices)
+                new[p] = cur[:i] + (choices[k % len(choices)],) + cur[i + 1:]
+    return new
+
+
+def build(root: Path, spec) -> Path:
+    root.mkdir()
+    os.chmod(root, 0o755)
+    rb = os.fsencode(root)
+    made = {}
+    links = []
+    for p in sorted(spec, key=lambda s: s.count("/")):
+        e = spec[p]
+        parent = p.rpartition("/")[0]
+        if parent and parent not in made:
+            if parent in spec:
+                continue                     # its parent is not a directory
+            os.mkdir(rb + b"/" + os.fsencode(parent))
+            made[parent] = "dir"
+        elif parent and made[parent] != "dir":
+            continue
+        full = rb + b"/" + os.fsencode(p)
+        kind = e[0]
+        if kind == "file":
+            _, di, mode, mtime, (uid, gid), xattrs = e
+            with open(full, "wb") as f:
+                f.write(DATA[di])
+            os.chown(full, uid, gid)
+            os.chmod(full, mode)
+            for k, v in (xattrs or {}).items():
+                os.setxattr(full, k, v)
+            os.utime(full, ns=(mtime, mtime))
+        elif kind == "dir":
+            _, mode, xattrs, (uid, gid) = e
+            os.mkdir(full)
+            os.chown(full, uid, gid)
+            os.chmod(full, mode)
+            for k, v in (xattrs or {}).items():
+                os.setxattr(full, k, v)
+        elif kind == "symlink":
+            _, target, mtime, (uid, gid) = e
+            os.symlink(os.fsencode(target), full)
+            os.lchown(full, uid, gid)
+            os.utime(full, ns=(mtime, mtime), follow_symlinks=False)
+        elif kind == "fifo":
+            os.mkfifo(full, e[1])
+            os.chmod(full, e[1])
+            os.utime(full, ns=(e[2], e[2]))
+        elif kind in ("char", "block"):
+            os.mknod(full, (stat.S_IFCHR if kind == "char" else stat.S_IFBLK) | 0o640,
+                     os.makedev(*e[1]))
+            os.utime(full, ns=(e[2], e[2]))
+        else:
+            links.append((p, e[1]))
+            continue
+        made[p] = kind
+    files = sorted(p for p, k in made.items() if k == "file")
+    for p, n in links:
+        if not files:
+            break
+        target = files[n % len(files)]
+        parent = p.rpartition("/")[0]
+        if made.get(target) == "file" and (not parent or made.get(parent) == "dir") \
+                and p not in made:
+            os.link(rb + b"/" + os.fsencode(target), rb + b"/" + os.fsencode(p))
+            made[p] = "file"
+    return root
+
+
+TAR_KINDS = ("cl", "cl.gz", "cl.zst", "gnu", "gnu.gz", "gnu.zst", "oci")
+
+
+class Presented:
+    """One tree in each of its presentations (made on first use)."""
+
+    def __init__(self, tree: Path, tmp: Path, tag: str):
+        self.tree, self.tmp, self.tag = tree, tmp, tag
+        self._made = {}
+
+    def __getitem__(self, kind: str):
+        if kind not in self._made:
+            self._made[kind] = self._make(kind)
+        return self._made[kind]
+
+    def _make(self, kind: str):
+        out = self.tmp / f"{self.tag}-{kind}"
+        if kind == "dir":
+            return str(self.tree)
+        if kind == "upper":
+            return f"upper:{self.tree}"
+        if kind.startswith("cl"):
+            comp = {"cl": "none", "cl.gz": "gzip", "cl.zst": "zstd"}[kind]
+            create_layer(self.tree, out, compression=comp)
+            return out
+        if kind.startswith("gnu"):
+            comp = {"gnu": "", "gnu.gz": "gzip", "gnu.zst": "zstd"}[kind]
+            return gnu_tar(self.tree, out, compress=comp)
+        if kind == "oci":
+            return f"oci:{write_oci([self['cl.gz']], out)}"
+        raise ValueError(kind)
+
+
+PAIRS = [("dir", "dir"), ("upper", "dir"), ("dir", "upper"), ("dir", "cl"), ("cl", "dir"),
+         ("cl", "cl"), ("gnu", "gnu"), ("gnu", "cl"), ("cl.gz", "gnu.zst"), ("gnu.gz", "dir"),
+         ("dir", "oci"), ("oci", "cl.zst"), ("oci", "oci"), ("cl.zst", "upper")]
+
+
+def check_all_presentations(tmp: Path, a: Path, b: Path):
+    ta, tb = walk(a), walk(b)
+    pa, pb = Presented(a, tmp, "a"), Presented(b, tmp, "b")
+    for ka, kb in PAIRS:
+        want_list, want_sum = expected(ta, tb, ka in TAR_KINDS, kb in TAR_KINDS)
+        got_list, got_sum = got(compare(pa[ka], pb[kb]))
+        assert got_list == strip_mtime_values(want_list), (ka, kb)
+        assert got_sum == want_sum, (ka, kb)
+
+
+def replace(path, e):
+    return (path, "replace", 0, e)
+
+
+def delete(path):
+    return (path, "delete", 0, ("fifo", 0o644, T0))
+
+
+FILE = ("file", 3, 0o644, T0, (0, 0), None)
+DIR = ("dir", 0o755, None, (0, 0))
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "25")))
+@given(spec=spec_strategy, edits=edits_strategy)
+# the same size, the last byte differs; a whole-second mtime on one side only
+@example(spec={"a": ("file", 5, 0o644, 100 * S, (0, 0), None)},
+         edits=[replace("a", ("file", 6, 0o644, 100 * S + 500_000_000, (0, 0), None))])
+# a deleted directory with a hardlink group inside (its bytes once)
+@example(spec={"a": DIR, "a/a": ("file", 5, 0o644, T0, (0, 0), None),
+               "a/b c": ("link", 0), "b c": FILE},
+         edits=[delete("a"), delete("a/a"), delete("a/b c")])
+# a directory replaced by a file, a file by a directory, odd names inside
+@example(spec={"a": DIR, "a/n\nl": FILE, "b c": ("file", 4, 0o644, T0, (0, 0), None)},
+         edits=[replace("a", FILE), delete("a/n\nl"), replace("b c", DIR),
+                replace("b c/" + os.fsdecode(b"\xff\xfe"), ("file", 2, 0o600, T0, (0, 0), None))])
+# a hardlink group that gains a name, one that loses one
+@example(spec={"a": FILE, "b c": ("link", 0), "n\nl": FILE},
+         edits=[replace("\u00e9", ("link", 0)), delete("b c"), replace("b c/a", ("link", 1))])
+def test_every_presentation_matches_the_reference(tmp_path_factory, spec, edits):
+    tmp = tmp_path_factory.mktemp("ref")
+    a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
+    check_all_presentations(tmp, a, b)
