@@ -721,10 +721,10 @@ class Diff:
                     self._count_removed(ea_map[p])
                     continue
                 old = ea_map[p]
+                if not _wanted(p, opts):
+                    continue        # its entries are judged (and counted) each on its own
                 if old.type == "dir":
                     skip_old = p.rstrip("/") + "/"
-                if not _wanted(p, opts):
-                    continue
                 yield self._record(a, b, p, "deleted", old, None)
                 continue
             if side == "new":
@@ -740,10 +740,12 @@ class Diff:
             i += 1
             j += 1
             old, new = ea_map[p], eb_map[p]
-            if old.type == "dir" and new.type != "dir":
-                skip_old = p.rstrip("/") + "/"
             if filtering and not _wanted(p, opts):
                 continue
+            if old.type == "dir" and new.type != "dir":
+                # the old directory's entries go with it (those of one left
+                # out by the filter are judged each on its own)
+                skip_old = p.rstrip("/") + "/"
             if keyed and old.key is not None and old.key == new.key and \
                     old.flags == new.flags and \
                     (old.link is None or old.link not in ga) and \

@@ -94,21 +94,92 @@ def mtime_same(a, a_tar, b, b_tar):
     return False
 
 
-def expected(ta, tb, a_tar, b_tar, ignore=frozenset()):
-    """The reference answer: [(code, path, type, fields, hardlinks)] and the summary."""
+def group_of(tree, p):
+    e = tree[p]
+    return ("ino", e["ino"]) if e["nlink"] > 1 else ("path", p)
+
+
+def meta_fields(ta, pa, tb, pb, a_tar, b_tar, ignore=frozenset()):
+    """The differing fields of ta[pa] and tb[pb], both of the same type."""
+    a, b = ta[pa], tb[pb]
     both_dirs = not a_tar and not b_tar
+    t = a["type"]
+    f = {}
+    if t != "symlink" and a["mode"] != b["mode"] and "mode" not in ignore:
+        f["mode"] = (a["mode"], b["mode"])
+    for k in ("uid", "gid"):
+        if a[k] != b[k] and k not in ignore:
+            f[k] = (a[k], b[k])
+    if t in ("char", "block") and a["rdev"] != b["rdev"]:
+        f["rdev"] = (a["rdev"], b["rdev"])
+    if t == "file" and a["size"] != b["size"]:
+        f["size"] = (a["size"], b["size"])
+    if t != "dir" and "mtime" not in ignore and \
+            not mtime_same(a["mtime"], a_tar, b["mtime"], b_tar):
+        f["mtime"] = (a["mtime"], b["mtime"])
+    if t == "symlink" and a["linkname"] != b["linkname"]:
+        f["linkname"] = (a["linkname"], b["linkname"])
+    if "xattr" not in ignore:
+        for n in sorted(set(a["xattrs"]) | set(b["xattrs"])):
+            if a["xattrs"].get(n) != b["xattrs"].get(n):
+                f["xattr:" + n] = (a["xattrs"].get(n), b["xattrs"].get(n))
+    oa, ob = others(ta, pa), others(tb, pb)
+    if oa != ob:
+        f["hardlinks"] = (oa, ob)
+    if t == "file":
+        if a["size"] != b["size"]:
+            differs = True
+        elif both_dirs and "mtime" not in ignore and a["mtime"] == b["mtime"] and \
+                a["mtime"] % S != 0:
+            differs = False          # the documented trust in equal ns mtimes
+        else:
+            differs = a["data"] != b["data"]
+        if differs:
+            f["content"] = None
+    return f
+
+
+def wanted_by(include=(), exclude=()):
+    """The documented path filter: a pattern with a "/" matches the path or an
+    ancestor, one without matches any component name; "/" is always included."""
+    def match(pat, path):
+        if "/" in pat.rstrip("/"):
+            pat = "/" + pat.strip("/")
+            parts = path.split("/")
+            return any(fnmatch.fnmatchcase("/".join(parts[:n]) or "/", pat)
+                       for n in range(1, len(parts) + 1))
+        return any(fnmatch.fnmatchcase(c, pat.strip("/")) for c in path.split("/") if c)
+
+    def wanted(path):
+        if any(match(x, path) for x in exclude):
+            return False
+        return not include or path == "/" or any(match(x, path) for x in include)
+    return wanted
+
+
+def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, renamed=()):
+    """The reference answer: [(code, path, type, fields, hardlinks)] and the summary.
+
+    wanted: the path filter (a path left out is not reported, nor counted; the
+    entries below a deleted directory left out are judged each on its own);
+    renamed: (old path, new path) pairs of a deleted and an added file
+    reported as one record (its hardlink groups count for no bytes)."""
     out = []
-    summ = dict(added=0, deleted=0, modified=0, type_changed=0, bytes_added=0, bytes_removed=0)
-    seen_add, seen_del = set(), set()
+    summ = dict(added=0, deleted=0, modified=0, type_changed=0, renamed=0, bytes_added=0,
+                bytes_removed=0)
+    # a renamed file's content was neither added nor removed, nor its other names'
+    seen_add = {group_of(tb, n) for _, n in renamed}
+    seen_del = {group_of(ta, o) for o, _ in renamed}
+    new_of = {o: n for o, n in renamed}
+    old_of = {n: o for o, n in renamed}
 
     def count(tree, p, seen, key):
-        e = tree[p]
-        if e["type"] != "file":
+        if tree[p]["type"] != "file":
             return
-        g = ("ino", e["ino"]) if e["nlink"] > 1 else ("path", p)
+        g = group_of(tree, p)
         if g not in seen:
             seen.add(g)
-            summ[key] += e["size"]
+            summ[key] += tree[p]["size"]
 
     def subtree(tree, p):
         return [q for q in tree if q.startswith(p.rstrip("/") + "/")]
@@ -124,13 +195,23 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset()):
         if p in skipped:
             continue
         a, b = ta.get(p), tb.get(p)
+        if not wanted(p):
+            continue
         if b is None:
+            if p in new_of:
+                continue
             out.append(("D", p, a["type"], {}, others(ta, p)))
             summ["deleted"] += 1
             removed_with_subtree(p)
             skipped.update(subtree(ta, p))
             continue
         if a is None:
+            if p in old_of:
+                f = meta_fields(ta, old_of[p], tb, p, a_tar, b_tar, ignore)
+                f.pop("hardlinks", None)
+                out.append(("R", p, b["type"], f, others(tb, p)))
+                summ["renamed"] += 1
+                continue
             out.append(("A", p, b["type"], {}, others(tb, p)))
             summ["added"] += 1
             count(tb, p, seen_add, "bytes_added")
@@ -143,41 +224,9 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset()):
             if a["type"] == "dir":
                 skipped.update(subtree(ta, p))
             continue
-        t = a["type"]
-        f = {}
-        if t != "symlink" and a["mode"] != b["mode"] and "mode" not in ignore:
-            f["mode"] = (a["mode"], b["mode"])
-        for k in ("uid", "gid"):
-            if a[k] != b[k] and k not in ignore:
-                f[k] = (a[k], b[k])
-        if t in ("char", "block") and a["rdev"] != b["rdev"]:
-            f["rdev"] = (a["rdev"], b["rdev"])
-        if t == "file" and a["size"] != b["size"]:
-            f["size"] = (a["size"], b["size"])
-        if t != "dir" and "mtime" not in ignore and \
-                not mtime_same(a["mtime"], a_tar, b["mtime"], b_tar):
-            f["mtime"] = (a["mtime"], b["mtime"])
-        if t == "symlink" and a["linkname"] != b["linkname"]:
-            f["linkname"] = (a["linkname"], b["linkname"])
-        if "xattr" not in ignore:
-            for n in sorted(set(a["xattrs"]) | set(b["xattrs"])):
-                if a["xattrs"].get(n) != b["xattrs"].get(n):
-                    f["xattr:" + n] = (a["xattrs"].get(n), b["xattrs"].get(n))
-        oa, ob = others(ta, p), others(tb, p)
-        if oa != ob:
-            f["hardlinks"] = (oa, ob)
-        if t == "file":
-            if a["size"] != b["size"]:
-                differs = True
-            elif both_dirs and "mtime" not in ignore and a["mtime"] == b["mtime"] and \
-                    a["mtime"] % S != 0:
-                differs = False          # the documented trust in equal ns mtimes
-            else:
-                differs = a["data"] != b["data"]
-            if differs:
-                f["content"] = None
+        f = meta_fields(ta, p, tb, p, a_tar, b_tar, ignore)
         if f:
-            out.append(("M", p, t, f, ob))
+            out.append(("M", p, a["type"], f, others(tb, p)))
             summ["modified"] += 1
             if "content" in f:
                 count(ta, p, seen_del, "bytes_removed")
@@ -188,15 +237,15 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset()):
 VALUED = ("type", "mode", "uid", "gid", "rdev", "size", "linkname", "hardlinks")
 
 
-def got(d):
-    """The engine's answer in the reference's shape."""
+def got(d, records=None):
+    """The engine's answer in the reference's shape (records: d, iterated already)."""
     out = []
-    for c in d:
+    for c in (d if records is None else records):
         f = {k: (None if k in ("content", "mtime") else v) for k, v in c.fields.items()}
         out.append((c.code, c.path, c.type, f, c.hardlinks))
     s = d.summary
     return out, dict(added=s.added, deleted=s.deleted, modified=s.modified,
-                     type_changed=s.type_changed, bytes_added=s.bytes_added,
+                     type_changed=s.type_changed, renamed=s.renamed, bytes_added=s.bytes_added,
                      bytes_removed=s.bytes_removed)
 
 
@@ -419,3 +468,70 @@ def test_every_presentation_matches_the_reference(tmp_path_factory, spec, edits)
     tmp = tmp_path_factory.mktemp("ref")
     a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
     check_all_presentations(tmp, a, b)
+
+
+# ----------------------------------------------------------------- path filters
+
+PATTERNS = ["a", "b c", "/a", "/b c/*", "a/*", "*\n*", "\u00e9", "/a/a", "*", "?",
+            "/" + os.fsdecode(b"\xff\xfe")]
+
+
+def check_filtered(tmp: Path, a: Path, b: Path, include, exclude, pairs=(("dir", "dir"),
+                                                                        ("cl", "gnu.gz"))):
+    ta, tb = walk(a), walk(b)
+    pa, pb = Presented(a, tmp, "a"), Presented(b, tmp, "b")
+    wanted = wanted_by(include, exclude)
+    for ka, kb in pairs:
+        want_list, want_sum = expected(ta, tb, ka in TAR_KINDS, kb in TAR_KINDS, wanted=wanted)
+        got_list, got_sum = got(compare(pa[ka], pb[kb], include=include, exclude=exclude))
+        assert got_list == strip_mtime_values(want_list), (ka, kb)
+        assert got_sum == want_sum, (ka, kb)
+
+
+def test_filtered_out_deleted_directory_counts_no_bytes(tmp_path):
+    """A deleted directory left out by --exclude is not in the summary either."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    mk(a, "srv/data", b"d" * 1000)
+    mk(a, "etc/hosts", b"h" * 10)
+    mk(b, "etc/hosts", b"h" * 10)
+    d = compare(a, b, exclude=["srv"])
+    assert list(d) == []
+    assert d.summary.bytes_removed == 0 and d.summary.changes == 0
+    check_filtered(tmp_path, a, b, (), ("srv",))
+
+
+def test_include_finds_entries_of_a_deleted_directory(tmp_path):
+    """--include of a path inside a deleted directory reports that path deleted,
+    as it reports the same path of an added directory added."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    mk(a, "keep/sub/f", b"zz")
+    mk(a, "keep/other", b"o" * 50)
+    b.mkdir()
+    fwd = compare(a, b, include=["keep/sub/*"])
+    assert [(c.code, c.path) for c in fwd] == [("D", "/keep/sub/f")]
+    assert fwd.summary.bytes_removed == 2
+    back = compare(b, a, include=["keep/sub/*"])
+    assert [(c.code, c.path) for c in back] == [("A", "/keep/sub/f")]
+    assert back.summary.bytes_added == 2
+    # a directory replaced by a file: its entries, each on its own
+    (b / "keep").write_bytes(b"now a file")
+    assert [(c.code, c.path) for c in compare(a, b, include=["/keep/sub"])] == \
+        [("D", "/keep/sub")]
+    check_filtered(tmp_path, a, b, ("keep/sub/*",), ())
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@given(spec=spec_strategy, edits=edits_strategy,
+       include=st.lists(st.sampled_from(PATTERNS), max_size=2),
+       exclude=st.lists(st.sampled_from(PATTERNS), max_size=2))
+# a deleted directory left out, with an entry inside that is wanted
+@example(spec={"a": DIR, "a/a": FILE, "a/b c": FILE}, edits=[delete("a"), delete("a/a"),
+                                                             delete("a/b c")],
+         include=["/a/a"], exclude=[])
+@example(spec={"a": DIR, "a/a": FILE}, edits=[replace("a", FILE), delete("a/a")],
+         include=[], exclude=["a"])
+def test_filters_match_the_reference(tmp_path_factory, spec, edits, include, exclude):
+    tmp = tmp_path_factory.mktemp("filt")
+    a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
+    check_filtered(tmp, a, b, tuple(include), tuple(exclude))
+
