@@ -233,6 +233,17 @@ class _Side:
         return tuple(p for p in group if p != path)
 
 
+def _first_of_group(m: EntryMeta, seen: set) -> bool:
+    """Whether m is the first of its hardlink group in seen (adding it); a file
+    without a group always is."""
+    if m.link is None:
+        return True
+    if m.link in seen:
+        return False
+    seen.add(m.link)
+    return True
+
+
 def _metadata_decides(ea: EntryMeta, eb: EntryMeta, opts: Options) -> bool:
     """Equal size and an untruncated equal mtime on two directory entries: the
     same content (the rule of :mod:`layerfs.diff.trees`)."""
@@ -781,6 +792,8 @@ class Diff:
             return changes
         by_digest: Dict[Tuple[int, int], List[Optional[str]]] = {}
         used: set = set()
+        moved_new: set = set()      # hardlink groups of renamed files
+        moved_old: set = set()
         out_replace: Dict[int, Change] = {}
         drop: set = set()
         for idx, c in enumerate(changes):
@@ -816,8 +829,12 @@ class Diff:
             s.added -= 1
             s.deleted -= 1
             s.renamed += 1
-            s.bytes_added -= c.new.size
-            s.bytes_removed -= d.old.size
+            # the content moved: neither added nor removed (a hardlink group
+            # was counted once, so it is taken back once)
+            if _first_of_group(c.new, moved_new):
+                s.bytes_added -= c.new.size
+            if _first_of_group(d.old, moved_old):
+                s.bytes_removed -= d.old.size
         return [out_replace.get(i, c) for i, c in enumerate(changes) if i not in drop]
 
     def __iter__(self) -> Iterator[Change]:

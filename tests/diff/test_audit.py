@@ -535,3 +535,64 @@ def test_filters_match_the_reference(tmp_path_factory, spec, edits, include, exc
     a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
     check_filtered(tmp, a, b, tuple(include), tuple(exclude))
 
+
+# ----------------------------------------------------------------- renames
+
+def check_renames(tmp: Path, a: Path, b: Path, pairs=(("dir", "dir"), ("cl", "dir"),
+                                                      ("gnu.zst", "oci"))):
+    ta, tb = walk(a), walk(b)
+    pa, pb = Presented(a, tmp, "a"), Presented(b, tmp, "b")
+    for ka, kb in pairs:
+        a_tar, b_tar = ka in TAR_KINDS, kb in TAR_KINDS
+        plain, _ = expected(ta, tb, a_tar, b_tar)
+        d = compare(pa[ka], pb[kb], renames=True)
+        records = list(d)
+        pairs_ = [(c.old_path, c.path) for c in records if c.kind == "renamed"]
+        deleted = {p for code, p, t, _, _ in plain if code == "D" and t == "file"}
+        added = {p for code, p, t, _, _ in plain if code == "A" and t == "file"}
+        olds = [o for o, _ in pairs_]
+        assert len(set(olds)) == len(olds), "one deleted file paired twice"
+        for o, n in pairs_:
+            assert o in deleted and n in added, (o, n)
+            assert ta[o]["size"] > 0 and ta[o]["data"] == tb[n]["data"], (o, n)
+        # no pair left unmade
+        left_old = {ta[o]["data"] for o in deleted - set(olds) if ta[o]["size"] > 0}
+        left_new = {tb[n]["data"] for n in added - {n for _, n in pairs_}}
+        assert not left_old & left_new
+        want_list, want_sum = expected(ta, tb, a_tar, b_tar, renamed=pairs_)
+        got_list, got_sum = got(d, records)
+        assert got_list == strip_mtime_values(want_list), (ka, kb)
+        assert got_sum == want_sum, (ka, kb)
+        assert [c.old_path for c in records if c.kind == "renamed"] == \
+            [dict((n, o) for o, n in pairs_)[c.path] for c in records if c.kind == "renamed"]
+
+
+def test_renamed_hardlink_groups_count_no_bytes(tmp_path):
+    """Two copies renamed into one hardlink group (and back): no bytes were
+    added or removed, and never a negative count."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    mk(a, "p", b"X" * 100)
+    mk(a, "q", b"X" * 100)
+    mk(b, "r", b"X" * 100)
+    os.link(b / "r", b / "s")
+    d = compare(a, b, renames=True)
+    assert sorted((c.code, c.old_path, c.path) for c in d) == \
+        [("R", "/p", "/r"), ("R", "/q", "/s")]
+    assert (d.summary.bytes_added, d.summary.bytes_removed) == (0, 0)
+    back = compare(b, a, renames=True)
+    assert [c.code for c in back] == ["R", "R"]
+    assert (back.summary.bytes_added, back.summary.bytes_removed) == (0, 0)
+    check_renames(tmp_path, a, b)
+    (tmp_path / "back").mkdir()
+    check_renames(tmp_path / "back", b, a)
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@given(spec=spec_strategy, edits=st.lists(
+    st.tuples(st.one_of(st.integers(0, 20), st.sampled_from(POOL)),
+              st.sampled_from(("delete", "replace", "data", "mode")), st.integers(0, 7),
+              st.one_of(file_entry, link_entry)), min_size=1, max_size=6))
+def test_renames_match_the_reference(tmp_path_factory, spec, edits):
+    tmp = tmp_path_factory.mktemp("ren")
+    a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
+    check_renames(tmp, a, b)
