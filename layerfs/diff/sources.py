@@ -639,10 +639,32 @@ def raw_layer_map(entries: List["_native.ScanEntry"], index: int) -> Dict[str, E
             m.link = (index, k)
         tree.ensure_parents(path, index)
         tree.put(path, m)
-    for target in whiteouts:
+    # A whiteout acts on the lower layers only: an entry of the layer at the
+    # same path stays (a directory then hides the lower one's entries, as an
+    # opaque one does).  The deepest first, so that a whited-out directory
+    # takes the whiteouts below it along.
+    own = set(tree.entries)
+
+    def below_own_file(path: str) -> bool:
+        # below a non-directory of the layer: nothing there to hide
+        p = parent_of(path)
+        while p and p not in own:
+            p = parent_of(p)
+        return bool(p) and tree.entries[p].type != "dir"
+
+    for target in sorted(set(whiteouts), key=lambda p: p.count("/"), reverse=True):
+        m = tree.get(target)
+        if target in own and m is not None:
+            if m.type == "dir":
+                m.flags |= OPAQUE
+            continue
+        if below_own_file(target):
+            continue
         tree.ensure_parents(target, index)
         tree.put(target, EntryMeta("whiteout", layer=index))
     for d in opaques:
+        if d != "/" and below_own_file(d + "/"):
+            continue
         m = tree.get(d)
         if m is None or m.type != "dir":
             tree.ensure_parents(d, index)

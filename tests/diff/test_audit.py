@@ -596,3 +596,188 @@ def test_renames_match_the_reference(tmp_path_factory, spec, edits):
     tmp = tmp_path_factory.mktemp("ren")
     a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
     check_renames(tmp, a, b)
+
+
+# ----------------------------------------------------------------- layer stacks
+
+LNAMES = ["a", "b", "d", "d/a", "d/b", "d/e", "d/e/a"]
+LDATA = [b"", b"one", b"two", b"x" * 3000]
+layer_op = st.one_of(
+    st.tuples(st.just("file"), st.sampled_from(LNAMES), st.sampled_from(range(len(LDATA))),
+              st.sampled_from([0o644, 0o600])),
+    st.tuples(st.just("file"), st.sampled_from(LNAMES), st.sampled_from(range(len(LDATA))),
+              st.sampled_from([0o644, 0o600])),
+    st.tuples(st.just("dir"), st.sampled_from(["d", "d/e", "a"]), st.sampled_from([0o755, 0o700])),
+    st.tuples(st.just("symlink"), st.sampled_from(LNAMES), st.sampled_from(["a", "/d"])),
+    st.tuples(st.just("link"), st.sampled_from(LNAMES), st.sampled_from(LNAMES)),
+    st.tuples(st.just("whiteout"), st.sampled_from(LNAMES)),
+    st.tuples(st.just("opaque"), st.sampled_from(["d", "d/e"])),
+)
+
+
+def build_layer(ops, index: int) -> TarBuilder:
+    """A layer of the ops: parent directories written before what goes in them,
+    a hardlink only to a file this layer wrote."""
+    b = TarBuilder()
+    kinds = {}
+
+    def parents(name) -> bool:
+        parts = name.split("/")[:-1]
+        for n in range(1, len(parts) + 1):
+            d = "/".join(parts[:n])
+            if kinds.get(d) not in (None, "dir"):
+                return False
+        for n in range(1, len(parts) + 1):
+            d = "/".join(parts[:n])
+            if d not in kinds:
+                b.dir(d, mtime=1_700_000_000 + index)
+                kinds[d] = "dir"
+        return True
+
+    def clear(name):
+        # an entry written over another: what was below the old one goes
+        for k in [k for k in kinds if k.startswith(name + "/")]:
+            del kinds[k]
+
+    for op in ops:
+        kind, name = op[0], op[1]
+        if kind in ("file", "dir", "symlink", "link") and not parents(name):
+            continue
+        if kind == "file":
+            clear(name)
+            b.file(name, LDATA[op[2]], mode=op[3],
+                   mtime=1_700_000_000 + index)
+            kinds[name] = "file"
+        elif kind == "dir":
+            if kinds.get(name) not in (None, "dir"):
+                clear(name)
+            b.dir(name, mode=op[2], mtime=1_700_000_000 + index)
+            kinds[name] = "dir"
+        elif kind == "symlink":
+            clear(name)
+            b.symlink(name, op[2], mtime=1_700_000_000 + index)
+            kinds[name] = "symlink"
+        elif kind == "link":
+            if kinds.get(op[2]) != "file" or name == op[2] or name in kinds:
+                continue
+            b.hardlink(name, op[2], mtime=1_700_000_000 + index)
+            kinds[name] = "file"
+        elif kind == "whiteout":
+            if not parents(name):
+                continue
+            b.whiteout(name)
+        else:
+            if kinds.get(name) not in (None, "dir") or not parents(name + "/x"):
+                continue
+            if name not in kinds:
+                b.dir(name, mtime=1_700_000_000 + index)
+                kinds[name] = "dir"
+            b.opaque(name)
+    return b
+
+
+def raw_reference(layer: Path):
+    """A layer's own entries read with tarfile: path -> (type, opaque).  A
+    whiteout acts on the lower layers only: an entry of the layer at the same
+    path stays (a directory then hides the lower one's entries: opaque)."""
+    import tarfile
+    entries, whiteouts, opaques = {}, [], []
+    with tarfile.open(layer) as tf:
+        for ti in tf:
+            p = "/" + ti.name.strip("/")
+            d, _, base = p.rpartition("/")
+            if base == ".wh..wh..opq":
+                opaques.append(d or "/")
+            elif base.startswith(".wh."):
+                whiteouts.append(d + "/" + base[4:])
+            else:
+                t = "dir" if ti.isdir() else "symlink" if ti.issym() else "file"
+                # a later entry replaces an earlier one, and what was below it
+                for q in [q for q in entries if q.startswith(p + "/")] if t != "dir" else []:
+                    del entries[q]
+                entries[p] = [t, False]
+    for p in list(entries):           # the parents of the layer's own entries
+        parent = p.rpartition("/")[0]
+        while parent and parent not in entries:
+            entries[parent] = ["dir", False]
+            parent = parent.rpartition("/")[0]
+    own = set(entries)
+    for p in whiteouts:
+        if p in own:
+            if entries[p][0] == "dir":
+                entries[p][1] = True
+            continue
+        up = [p.rsplit("/", k)[0] for k in range(1, p.count("/"))]
+        if any(u in whiteouts and u not in own for u in up):
+            continue                  # a whited-out directory above it covers it
+        if any(u in own and entries[u][0] != "dir" for u in up):
+            continue                  # below a non-directory of the layer
+        entries[p] = ["whiteout", False]
+        for u in up:
+            entries.setdefault(u, ["dir", False])
+    for d in opaques:
+        up = [d.rsplit("/", k)[0] for k in range(0, d.count("/"))]
+        if any(u in own and entries[u][0] != "dir" for u in up):
+            continue                  # the layer's own non-directory: nothing to hide
+        entries.setdefault(d, ["dir", False])[1] = True
+    return {p: tuple(v) for p, v in entries.items()}
+
+
+def check_stack(tmp: Path, layers):
+    dests = []
+    for n in range(len(layers)):
+        dest = tmp / f"applied{n}"
+        unpack_layers([str(p) for p in layers[:n + 1]], dest)
+        dests.append(dest)
+        # the effective view is the applied tree
+        assert got(compare(layer_stack(layers, upto=n), dest))[0] == [], n
+        assert got(compare(dest, layer_stack(layers, upto=n)))[0] == [], n
+        # the raw view is the layer's own entries, whiteouts as deletions
+        raw = compare("empty:", layer_stack(layers, view="raw", upto=n))
+        want = raw_reference(layers[n])
+        recs = list(raw)
+        assert sorted((c.path, c.type if c.kind != "deleted" else "whiteout",
+                       bool(c.new is not None and c.new.opaque)) for c in recs) == \
+            sorted((p, t, o) for p, (t, o) in want.items()), n
+        assert all(c.kind == ("deleted" if want[c.path][0] == "whiteout" else "added")
+                   for c in recs), n
+        if n == 0:
+            continue
+        # a layer's changes in the effective view are those of the applied trees,
+        # each made by that layer
+        d = compare(layer_stack(layers, upto=n - 1), layer_stack(layers, upto=n))
+        records = list(d)
+        want_list, want_sum = expected(walk(dests[n - 1]), walk(dest), True, True)
+        got_list, got_sum = got(d, records)
+        assert got_list == strip_mtime_values(want_list), n
+        assert got_sum == want_sum, n
+        # (a name whose hardlink group changed may be from a lower layer)
+        assert all(c.layer is not None and c.layer.index == n for c in records
+                   if set(c.fields) != {"hardlinks"}), n
+
+
+def test_raw_view_keeps_entries_the_layer_also_whites_out(tmp_path):
+    """A whiteout acts on the lower layers: the layer's own entry at that path
+    is in its raw view (a directory as an opaque one), and what is below it."""
+    layer = (TarBuilder().whiteout("d").dir("d").file("d/x", b"xx").file("c", b"c1")
+             .whiteout("c").write(tmp_path / "l.tar"))
+    m = layer_stack([layer], view="raw").entries()
+    assert m["/c"].type == "file" and m["/d/x"].type == "file"
+    assert m["/d"].type == "dir" and m["/d"].opaque
+    got_ = [(c.code, c.path) for c in compare("empty:", layer_stack([layer], view="raw"))]
+    assert got_ == [("A", "/c"), ("A", "/d"), ("A", "/d/x")]
+    lower = TarBuilder().dir("d").file("d/y", b"y").file("c", b"c0").write(tmp_path / "l0.tar")
+    check_stack(tmp_path, [lower, layer])
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@given(st.lists(st.lists(layer_op, max_size=7), min_size=1, max_size=3))
+# whiteouts and an opaque marker of paths the layer writes itself
+@example(plan=[[("file", "a", 1, 0o644)], [("file", "a", 2, 0o644), ("whiteout", "a")]])
+@example(plan=[[("file", "d/a", 1, 0o644)], [("opaque", "d"), ("file", "d", 0, 0o644)]])
+@example(plan=[[("file", "d/a", 1, 0o644)], [("whiteout", "d/a"), ("file", "d", 0, 0o644),
+                                             ("whiteout", "d")]])
+def test_stacks_match_the_applied_layers(tmp_path_factory, plan):
+    tmp = tmp_path_factory.mktemp("stack")
+    layers = [build_layer(ops, i).write(tmp / f"l{i}.tar") for i, ops in enumerate(plan)]
+    check_stack(tmp, layers)
