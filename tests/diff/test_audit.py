@@ -615,11 +615,20 @@ layer_op = st.one_of(
 )
 
 
-def build_layer(ops, index: int) -> TarBuilder:
+def build_layer(ops, index: int, unique: bool = False) -> TarBuilder:
     """A layer of the ops: parent directories written before what goes in them,
-    a hardlink only to a file this layer wrote."""
+    a hardlink only to a file this layer wrote.  unique: every non-empty copy of
+    file content has bytes of its own (at least 16, naming layer and entry)."""
     b = TarBuilder()
     kinds = {}
+    copies = [0]
+
+    def data(i):
+        d = LDATA[i]
+        copies[0] += 1
+        if unique and d:
+            d = (b"L%dC%04d|" % (index, copies[0])).ljust(max(len(d), 16), b".")
+        return d
 
     def parents(name) -> bool:
         parts = name.split("/")[:-1]
@@ -645,7 +654,7 @@ def build_layer(ops, index: int) -> TarBuilder:
             continue
         if kind == "file":
             clear(name)
-            b.file(name, LDATA[op[2]], mode=op[3],
+            b.file(name, data(op[2]), mode=op[3],
                    mtime=1_700_000_000 + index)
             kinds[name] = "file"
         elif kind == "dir":
@@ -781,3 +790,52 @@ def test_stacks_match_the_applied_layers(tmp_path_factory, plan):
     tmp = tmp_path_factory.mktemp("stack")
     layers = [build_layer(ops, i).write(tmp / f"l{i}.tar") for i, ops in enumerate(plan)]
     check_stack(tmp, layers)
+
+
+# ----------------------------------------------------------------- waste
+
+def stored_copies(layer: Path):
+    """(content, size) of every copy of file content a layer tar stores."""
+    import tarfile
+    with tarfile.open(layer) as tf:
+        return [(tf.extractfile(ti).read(), ti.size) for ti in tf
+                if ti.isreg() and not ti.name.rpartition("/")[2].startswith(".wh.")]
+
+
+def held_contents(root: Path):
+    out = set()
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            if stat.S_ISREG(os.lstat(full).st_mode):
+                out.add(Path(full).read_bytes())
+    return out
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "20")))
+@given(st.lists(st.lists(layer_op, max_size=7), min_size=1, max_size=4))
+# a file rewritten in three layers; one deleted later; a hardlinked copy
+@example(plan=[[("file", "a", 3, 0o644)], [("file", "a", 3, 0o644)], [("file", "a", 1, 0o644)]])
+@example(plan=[[("file", "d/a", 3, 0o644), ("link", "b", "d/a")], [("whiteout", "d")],
+               [("whiteout", "b")]])
+@example(plan=[[("file", "b", 1, 0o644), ("link", "a", "b"), ("file", "b", 2, 0o644)],
+               [("opaque", "d"), ("file", "a", 0, 0o644)]])
+def test_waste_is_every_stored_copy_the_image_no_longer_holds(tmp_path_factory, plan):
+    """Each layer wastes exactly the bytes of the copies it stores that the
+    applied image no longer holds (each copy once, hardlinked or not)."""
+    tmp = tmp_path_factory.mktemp("waste")
+    layers = [build_layer(ops, i, unique=True).write(tmp / f"l{i}.tar")
+              for i, ops in enumerate(plan)]
+    dest = tmp / "rootfs"
+    unpack_layers([str(p) for p in layers], dest)
+    held = held_contents(dest)
+    r = analyze_layers(layer_stack(layers))
+    for n, layer in enumerate(layers):
+        copies = stored_copies(layer)
+        report = r.layers[n]
+        assert report.content_bytes == sum(size for _, size in copies), n
+        assert report.wasted_bytes == sum(size for data, size in copies if data not in held), n
+        assert report.wasted_bytes == sum(w.size for w in report.wasted), n
+        assert all(w.layer == n and n <= w.by_layer < len(layers) for w in report.wasted), n
+    assert sum(l.causes_bytes for l in r.layers) == r.wasted_bytes
+    assert r.image_bytes == sum(len(d) for d in held)
