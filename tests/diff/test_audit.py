@@ -110,23 +110,25 @@ def meta_fields(ta, pa, tb, pb, a_tar, b_tar, ignore=frozenset()):
     for k in ("uid", "gid"):
         if a[k] != b[k] and k not in ignore:
             f[k] = (a[k], b[k])
-    if t in ("char", "block") and a["rdev"] != b["rdev"]:
+    if t in ("char", "block") and a["rdev"] != b["rdev"] and "rdev" not in ignore:
         f["rdev"] = (a["rdev"], b["rdev"])
-    if t == "file" and a["size"] != b["size"]:
+    if t == "file" and a["size"] != b["size"] and "size" not in ignore:
         f["size"] = (a["size"], b["size"])
     if t != "dir" and "mtime" not in ignore and \
             not mtime_same(a["mtime"], a_tar, b["mtime"], b_tar):
         f["mtime"] = (a["mtime"], b["mtime"])
-    if t == "symlink" and a["linkname"] != b["linkname"]:
+    if t == "symlink" and a["linkname"] != b["linkname"] and "linkname" not in ignore:
         f["linkname"] = (a["linkname"], b["linkname"])
     if "xattr" not in ignore:
+        globs = [i[6:] for i in ignore if i.startswith("xattr:")]
         for n in sorted(set(a["xattrs"]) | set(b["xattrs"])):
-            if a["xattrs"].get(n) != b["xattrs"].get(n):
+            if a["xattrs"].get(n) != b["xattrs"].get(n) and \
+                    not any(fnmatch.fnmatchcase(n, g) for g in globs):
                 f["xattr:" + n] = (a["xattrs"].get(n), b["xattrs"].get(n))
     oa, ob = others(ta, pa), others(tb, pb)
-    if oa != ob:
+    if oa != ob and "hardlinks" not in ignore:
         f["hardlinks"] = (oa, ob)
-    if t == "file":
+    if t == "file" and "content" not in ignore:
         if a["size"] != b["size"]:
             differs = True
         elif both_dirs and "mtime" not in ignore and a["mtime"] == b["mtime"] and \
@@ -468,6 +470,32 @@ def test_every_presentation_matches_the_reference(tmp_path_factory, spec, edits)
     tmp = tmp_path_factory.mktemp("ref")
     a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
     check_all_presentations(tmp, a, b)
+
+
+
+IGNORES = ["mtime", "owner", "uid", "mode", "xattr", "xattr:user.*", "xattr:user.k", "content",
+           "size", "linkname", "rdev", "hardlinks"]
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@given(spec=spec_strategy, edits=edits_strategy,
+       ignore=st.lists(st.sampled_from(IGNORES), min_size=1, max_size=3),
+       semantic=st.booleans())
+def test_ignored_fields_match_the_reference(tmp_path_factory, spec, edits, ignore, semantic):
+    tmp = tmp_path_factory.mktemp("ign")
+    a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
+    names = set(ignore) | ({"mtime"} if semantic else set())
+    if "owner" in names:
+        names |= {"uid", "gid"}
+    ta, tb = walk(a), walk(b)
+    pa, pb = Presented(a, tmp, "a"), Presented(b, tmp, "b")
+    for ka, kb in (("dir", "dir"), ("upper", "dir"), ("cl", "cl"), ("gnu.gz", "dir"),
+                   ("dir", "cl.zst")):
+        want_list, want_sum = expected(ta, tb, ka in TAR_KINDS, kb in TAR_KINDS,
+                                       ignore=frozenset(names))
+        got_list, got_sum = got(compare(pa[ka], pb[kb], ignore=ignore, semantic=semantic))
+        assert got_list == strip_mtime_values(want_list), (ka, kb)
+        assert got_sum == want_sum, (ka, kb)
 
 
 # ----------------------------------------------------------------- path filters
