@@ -580,10 +580,13 @@ def fold_layer(tree: Tree, entries: List["_native.ScanEntry"], index: int,
     and opaque directories act on the lower layers only, wherever they stand
     in the archive; then entries in archive order, later duplicates winning)."""
     whiteouts, opaques, items = _classify(entries, index)
+    # deleted_by: every path this layer removes (not only a whiteout's own), so
+    # that a path removed again later is credited to the later layer
     for target in whiteouts:
         gone = tree.remove(target)
-        if gone and deleted_by is not None:
-            deleted_by[target] = index
+        if deleted_by is not None:
+            for p, m in gone:
+                deleted_by[p] = index
         if observer is not None:
             for p, m in gone:
                 observer.removed(index, p, m, None, True)
@@ -591,8 +594,7 @@ def fold_layer(tree: Tree, entries: List["_native.ScanEntry"], index: int,
         gone = tree.remove_children(d)
         if deleted_by is not None:
             for p, m in gone:
-                if parent_of(p) == d:
-                    deleted_by[p] = index
+                deleted_by[p] = index
         if observer is not None:
             for p, m in gone:
                 observer.removed(index, p, m, None, True)
@@ -616,6 +618,10 @@ def fold_layer(tree: Tree, entries: List["_native.ScanEntry"], index: int,
                     observer.added(index, p, tree.entries[p], False)
         existed = path in tree.entries
         gone = tree.put(path, m)
+        if deleted_by is not None:
+            for p, old in gone:
+                if p != path:           # below a directory replaced by a non-directory
+                    deleted_by[p] = index
         if observer is not None:
             for p, old in gone:
                 observer.removed(index, p, old, m if p == path else None, False)
@@ -684,8 +690,9 @@ class Source:
     Subclasses implement :meth:`_load`.  ``kind`` names the container
     ("dir", "layer", "oci", "docker-archive", "upper", "store"); ``layers``
     lists the layers of a stack (empty for directories); ``deleted_by`` maps
-    a path removed by a whiteout to the index of that layer (effective views
-    of stacks).
+    a path a layer removed (by a whiteout, an opaque directory, or a
+    non-directory written over a directory above it) to the index of the
+    last layer that did (effective views of stacks).
     """
     kind = "source"
     #: what the entries' keys (EntryMeta.key) are made of; keys of two sources

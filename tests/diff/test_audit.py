@@ -820,6 +820,26 @@ def test_stacks_match_the_applied_layers(tmp_path_factory, plan):
     check_stack(tmp, layers)
 
 
+
+def test_deletion_is_credited_to_the_layer_that_made_it_last(tmp_path):
+    """A path deleted, written again, then deleted with its directory: the
+    deletion is the later layer's (each removal is noted, not only the
+    whiteout's own path)."""
+    layers = [TarBuilder().dir("d").file("d/x", b"x0").write(tmp_path / "0.tar"),
+              TarBuilder().whiteout("d/x").write(tmp_path / "1.tar"),
+              TarBuilder().file("d/x", b"x2").write(tmp_path / "2.tar"),
+              TarBuilder().whiteout("d").dir("d").file("d/y", b"y").write(tmp_path / "3.tar"),
+              TarBuilder().file("d", b"file").write(tmp_path / "4.tar"),
+              TarBuilder().dir("d").write(tmp_path / "5.tar")]
+    base = layer_stack(layers, upto=0)
+    by_path = {c.path: c for c in compare(base, layer_stack(layers, upto=3))}
+    assert by_path["/d/x"].kind == "deleted" and by_path["/d/x"].layer.index == 3
+    # d/y, written by layer 3, goes when layer 4 writes a file over its directory
+    by_path = {c.path: c for c in compare(layer_stack(layers, upto=3), layer_stack(layers))}
+    assert by_path["/d/y"].kind == "deleted" and by_path["/d/y"].layer.index == 4
+    check_stack(tmp_path, layers)
+
+
 # ----------------------------------------------------------------- waste
 
 def stored_copies(layer: Path):
