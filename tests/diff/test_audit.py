@@ -373,6 +373,12 @@ def build(root: Path, spec) -> Path:
             os.mknod(full, (stat.S_IFCHR if kind == "char" else stat.S_IFBLK) | 0o640,
                      os.makedev(*e[1]))
             os.utime(full, ns=(e[2], e[2]))
+        elif kind == "whiteout":            # overlayfs' whiteout: char 0:0
+            os.mknod(full, stat.S_IFCHR, os.makedev(0, 0))
+        elif kind == "opaque":              # overlayfs' opaque directory
+            os.mkdir(full)
+            os.setxattr(full, "trusted.overlay.opaque", b"y")
+            kind = "dir"
         else:
             links.append((p, e[1]))
             continue
@@ -624,6 +630,43 @@ def test_renames_match_the_reference(tmp_path_factory, spec, edits):
     tmp = tmp_path_factory.mktemp("ren")
     a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
     check_renames(tmp, a, b)
+
+
+
+# ----------------------------------------------------------------- overlay upper directories
+
+upper_entry = st.one_of(entry, st.tuples(st.just("whiteout")), st.tuples(st.just("opaque")))
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@given(spec=st.dictionaries(st.sampled_from(POOL), upper_entry, min_size=1, max_size=10))
+def test_upper_directory_and_its_layer(tmp_path_factory, spec):
+    """An upper directory (char 0:0 whiteouts, opaque xattrs) and the layer
+    create_layer makes of it: the same raw view (whiteouts as deletions, opaque
+    directories flagged) and the same effective view (the upper dir without
+    its whiteouts)."""
+    tmp = tmp_path_factory.mktemp("upper")
+    u = build(tmp / "u", spec)
+    layer = tmp / "u.tar.gz"
+    create_layer(u, layer, compression="gzip", source_format="overlay")
+    tu = walk(u)
+    whiteouts = {p for p, e in tu.items() if e["type"] == "char" and e["rdev"] == (0, 0)}
+
+    def is_opaque(p):
+        full = os.fsencode(u) + os.fsencode(p)
+        return "trusted.overlay.opaque" in os.listxattr(full, follow_symlinks=False) and \
+            os.getxattr(full, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    opaque = {p for p in tu if tu[p]["type"] == "dir" and p != "/" and is_opaque(p)}
+    for view in ("raw", "effective"):
+        assert got(compare(f"upper:{u}", layer, view=view))[0] == [], view
+        assert got(compare(layer, f"upper:{u}", view=view))[0] == [], view
+        for src in (f"upper:{u}", layer):
+            recs = list(compare("empty:", src, new_view=view))
+            want = sorted((("D" if p in whiteouts else "A"), p,
+                           view == "raw" and p in opaque)
+                          for p in tu if p != "/" and (view == "raw" or p not in whiteouts))
+            assert sorted((c.code, c.path, bool(c.new is not None and c.new.opaque))
+                          for c in recs) == want, (view, src)
 
 
 # ----------------------------------------------------------------- layer stacks
