@@ -99,7 +99,7 @@ def group_of(tree, p):
     return ("ino", e["ino"]) if e["nlink"] > 1 else ("path", p)
 
 
-def meta_fields(ta, pa, tb, pb, a_tar, b_tar, ignore=frozenset()):
+def meta_fields(ta, pa, tb, pb, a_tar, b_tar, ignore=frozenset(), dir_mtime=False):
     """The differing fields of ta[pa] and tb[pb], both of the same type."""
     a, b = ta[pa], tb[pb]
     both_dirs = not a_tar and not b_tar
@@ -114,7 +114,7 @@ def meta_fields(ta, pa, tb, pb, a_tar, b_tar, ignore=frozenset()):
         f["rdev"] = (a["rdev"], b["rdev"])
     if t == "file" and a["size"] != b["size"] and "size" not in ignore:
         f["size"] = (a["size"], b["size"])
-    if t != "dir" and "mtime" not in ignore and \
+    if (t != "dir" or dir_mtime) and "mtime" not in ignore and \
             not mtime_same(a["mtime"], a_tar, b["mtime"], b_tar):
         f["mtime"] = (a["mtime"], b["mtime"])
     if t == "symlink" and a["linkname"] != b["linkname"] and "linkname" not in ignore:
@@ -159,7 +159,8 @@ def wanted_by(include=(), exclude=()):
     return wanted
 
 
-def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, renamed=()):
+def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, renamed=(),
+             dir_mtime=False):
     """The reference answer: [(code, path, type, fields, hardlinks)] and the summary.
 
     wanted: the path filter (a path left out is not reported, nor counted; the
@@ -226,7 +227,7 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, re
             if a["type"] == "dir":
                 skipped.update(subtree(ta, p))
             continue
-        f = meta_fields(ta, p, tb, p, a_tar, b_tar, ignore)
+        f = meta_fields(ta, p, tb, p, a_tar, b_tar, ignore, dir_mtime)
         if f:
             out.append(("M", p, a["type"], f, others(tb, p)))
             summ["modified"] += 1
@@ -393,6 +394,7 @@ def build(root: Path, spec) -> Path:
                 and p not in made:
             os.link(rb + b"/" + os.fsencode(target), rb + b"/" + os.fsencode(p))
             made[p] = "file"
+    os.utime(root, ns=(T0, T0))         # (other directories keep the time they were made)
     return root
 
 
@@ -500,6 +502,22 @@ def test_ignored_fields_match_the_reference(tmp_path_factory, spec, edits, ignor
         want_list, want_sum = expected(ta, tb, ka in TAR_KINDS, kb in TAR_KINDS,
                                        ignore=frozenset(names))
         got_list, got_sum = got(compare(pa[ka], pb[kb], ignore=ignore, semantic=semantic))
+        assert got_list == strip_mtime_values(want_list), (ka, kb)
+        assert got_sum == want_sum, (ka, kb)
+
+
+
+@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "10")))
+@given(spec=spec_strategy, edits=edits_strategy)
+def test_directory_mtimes_on_request(tmp_path_factory, spec, edits):
+    tmp = tmp_path_factory.mktemp("dmt")
+    a, b = build(tmp / "a", spec), build(tmp / "b", edited(spec, edits))
+    ta, tb = walk(a), walk(b)
+    pa, pb = Presented(a, tmp, "a"), Presented(b, tmp, "b")
+    for ka, kb in (("dir", "dir"), ("upper", "dir"), ("gnu", "dir"), ("cl", "gnu.zst"),
+                   ("oci", "cl")):
+        want_list, want_sum = expected(ta, tb, ka in TAR_KINDS, kb in TAR_KINDS, dir_mtime=True)
+        got_list, got_sum = got(compare(pa[ka], pb[kb], dir_mtime=True))
         assert got_list == strip_mtime_values(want_list), (ka, kb)
         assert got_sum == want_sum, (ka, kb)
 
