@@ -261,7 +261,8 @@ def strip_mtime_values(records):
 # ----------------------------------------------------------------- trees
 
 NAMES = ["a", "b c", "n\nl", os.fsdecode(b"\xff\xfe"), "\u00e9"]
-POOL = NAMES + [f"{d}/{n}" for d in NAMES[:2] for n in NAMES]
+POOL = NAMES + [f"{d}/{n}" for d in NAMES[:2] for n in NAMES] + \
+    [f"a/{d}/{n}" for d in NAMES[:2] for n in NAMES[:2]]
 XATTRS = [None, {"user.k": b"v1"}, {"user.k": b"v2"},
           {"user.k": b"v1", "trusted.overlay.origin": b"o"}]
 TARGETS = ["a", "../b c", "/x", os.fsdecode(b"\xfe")]
@@ -335,14 +336,15 @@ def build(root: Path, spec) -> Path:
     links = []
     for p in sorted(spec, key=lambda s: s.count("/")):
         e = spec[p]
-        parent = p.rpartition("/")[0]
-        if parent and parent not in made:
-            if parent in spec:
-                continue                     # its parent is not a directory
-            os.mkdir(rb + b"/" + os.fsencode(parent))
-            made[parent] = "dir"
-        elif parent and made[parent] != "dir":
-            continue
+        parts = p.split("/")[:-1]
+        ancestors = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        if any(made.get(d, "dir") != "dir" or (d in spec and d not in made)
+               for d in ancestors):
+            continue                         # a parent that is not a directory
+        for d in ancestors:
+            if d not in made:                # a parent the spec does not name
+                os.mkdir(rb + b"/" + os.fsencode(d))
+                made[d] = "dir"
         full = rb + b"/" + os.fsencode(p)
         kind = e[0]
         if kind == "file":
@@ -520,6 +522,23 @@ def test_directory_mtimes_on_request(tmp_path_factory, spec, edits):
         got_list, got_sum = got(compare(pa[ka], pb[kb], dir_mtime=True))
         assert got_list == strip_mtime_values(want_list), (ka, kb)
         assert got_sum == want_sum, (ka, kb)
+
+
+
+def test_large_files_differing_in_one_byte(tmp_path):
+    """Files of several C read chunks, the same size and whole-second mtime,
+    differing only in their last (or first) byte: found in every presentation."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    n = 3 * (1 << 20) + 1
+    mk(a, "last", b"z" * (n - 1) + b"A", mtime_ns=100 * S)
+    mk(b, "last", b"z" * (n - 1) + b"B", mtime_ns=100 * S)
+    mk(a, "first", b"x" + b"z" * (n - 1), mtime_ns=100 * S)
+    mk(b, "first", b"y" + b"z" * (n - 1), mtime_ns=100 * S)
+    mk(a, "same", b"z" * n, mtime_ns=100 * S)
+    mk(b, "same", b"z" * n, mtime_ns=100 * S)
+    for d in (a, b):
+        os.utime(d, ns=(T0, T0))
+    check_all_presentations(tmp_path, a, b)
 
 
 # ----------------------------------------------------------------- path filters
