@@ -9,7 +9,8 @@ one followed by its entries) with the summary's byte counts (each hardlink
 group once, a deleted directory's files included).  compare() must give that
 answer for every way of presenting the same two trees: directories, overlay
 upper directories, layer tarballs written by create_layer and by GNU tar
-(plain, gzip, zstd) and OCI layouts, in mixed pairs too.
+(plain, gzip, zstd), OCI layouts (directory and tar) and docker-archives, in
+mixed pairs too.
 
 Layer stacks are checked against stacks applied by layerfs.archive, and the
 waste accounting of analyze_layers against the copies an applied image
@@ -27,7 +28,7 @@ from hypothesis import example, given, settings, strategies as st
 from layerfs.archive import create_layer, unpack_layers
 from layerfs.diff import analyze_layers, compare, layer_stack
 
-from .test_sources import TarBuilder, gnu_tar, mk, write_oci
+from .test_sources import TarBuilder, gnu_tar, mk, write_docker, write_oci
 
 S = 1_000_000_000
 T0 = 1_700_000_000_123_456_789
@@ -400,7 +401,7 @@ def build(root: Path, spec) -> Path:
     return root
 
 
-TAR_KINDS = ("cl", "cl.gz", "cl.zst", "gnu", "gnu.gz", "gnu.zst", "oci")
+TAR_KINDS = ("cl", "cl.gz", "cl.zst", "gnu", "gnu.gz", "gnu.zst", "oci", "oci.tar", "docker")
 
 
 class Presented:
@@ -430,12 +431,17 @@ class Presented:
             return gnu_tar(self.tree, out, compress=comp)
         if kind == "oci":
             return f"oci:{write_oci([self['cl.gz']], out)}"
+        if kind == "oci.tar":
+            return write_oci([self["cl.zst"]], out, tar=True)
+        if kind == "docker":
+            return f"docker-archive:{write_docker([self['cl']], out)}"
         raise ValueError(kind)
 
 
 PAIRS = [("dir", "dir"), ("upper", "dir"), ("dir", "upper"), ("dir", "cl"), ("cl", "dir"),
          ("cl", "cl"), ("gnu", "gnu"), ("gnu", "cl"), ("cl.gz", "gnu.zst"), ("gnu.gz", "dir"),
-         ("dir", "oci"), ("oci", "cl.zst"), ("oci", "oci"), ("cl.zst", "upper")]
+         ("dir", "oci"), ("oci", "cl.zst"), ("oci", "oci"), ("cl.zst", "upper"),
+         ("oci.tar", "gnu"), ("docker", "oci")]
 
 
 def check_all_presentations(tmp: Path, a: Path, b: Path):
