@@ -631,7 +631,9 @@ def fold_layer(tree: Tree, entries: List["_native.ScanEntry"], index: int,
 
 
 def raw_layer_map(entries: List["_native.ScanEntry"], index: int) -> Dict[str, EntryMeta]:
-    """A layer's own entries: whiteouts as "whiteout" entries, opaque dirs flagged."""
+    """A layer's own entries: whiteouts as "whiteout" entries, opaque dirs flagged.
+    A path the layer both whites out and writes is its entry (a directory
+    then flagged opaque: the lower one's entries are gone)."""
     whiteouts, opaques, items = _classify(entries, index)
     tree = Tree()
     for k, (path, m) in enumerate(items):
