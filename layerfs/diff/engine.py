@@ -517,7 +517,8 @@ def compare_meta(a: _Side, b: _Side, path: str, ea: EntryMeta, eb: EntryMeta,
         f["size"] = (ea.size, eb.size)
     if (t != "dir" or opts.dir_mtime) and "mtime" not in ign and _mtime_differs(ea, eb):
         f["mtime"] = (ea.mtime_ns, eb.mtime_ns)
-    if t == "symlink" and ea.linkname != eb.linkname and "linkname" not in ign:
+    if t in ("symlink", "hardlink") and ea.linkname != eb.linkname and "linkname" not in ign:
+        # (a "hardlink": a raw view's link to a file of a lower layer)
         f["linkname"] = (ea.linkname, eb.linkname)
     if ea.xattrs != eb.xattrs and "xattr" not in ign:
         xa, xb = ea.xattrs, eb.xattrs

@@ -71,12 +71,14 @@ _KEY_KEEPS = frozenset({"content", "link", "layer", "inode", "flags", "data"})
 class EntryMeta:
     """The metadata of one entry of a tree.
 
-    type: "file", "dir", "symlink", "char", "block", "fifo", "socket", or
-    "whiteout" (raw views); mode: permission bits (07777); size: bytes of a
-    regular file (0 otherwise); mtime_ns: modification time in ns; linkname:
-    symlink target; rdev: (major, minor) of a device; xattrs: name -> bytes;
-    digest: "sha256:<hex>" of a regular file's content when known; content:
-    the file to read it from (directory sources); link: hardlink group key
+    type: "file", "dir", "symlink", "char", "block", "fifo", "socket", or in
+    raw views "whiteout" and "hardlink" (a link to a file of a lower layer);
+    mode: permission bits (07777); size: bytes of a regular file (0
+    otherwise); mtime_ns: modification time in ns; linkname: symlink target
+    (a "hardlink"'s: the path it links to); rdev: (major, minor) of a
+    device; xattrs: name -> bytes; digest: "sha256:<hex>" of a regular
+    file's content when known; content: the file to read it from
+    (directory sources); link: hardlink group key
     (entries with the same key share one inode); layer: index of the layer
     that last wrote the entry (image sources); inode: (dev, ino) of a
     directory source's entry; flags: IMPLICIT, OPAQUE, COARSE; key: a value the

@@ -290,7 +290,8 @@ entry = st.one_of(
 spec_strategy = st.dictionaries(st.sampled_from(POOL), entry, min_size=1, max_size=10)
 # the new tree: the old one with a few entries changed in one field each,
 # removed, replaced, or made a hardlink
-EDIT_OPS = ("data", "data", "data", "mode", "mtime", "owner", "xattrs", "target", "delete", "replace")
+EDIT_OPS = ("data", "data", "data", "mode", "mtime", "owner", "xattrs", "target", "delete",
+            "replace")
 # (a path of the old tree by number, or any path)
 edits_strategy = st.lists(st.tuples(st.one_of(st.integers(0, 20), st.sampled_from(POOL)),
                                     st.sampled_from(EDIT_OPS), st.integers(0, 7), entry),
@@ -801,6 +802,7 @@ def build_layer(ops, index: int, unique: bool = False) -> TarBuilder:
 
 def raw_reference(layer: Path):
     """A layer's own entries read with tarfile: path -> (type, opaque).  A
+    hardlink to a file of a lower layer is of type "hardlink".  A
     whiteout acts on the lower layers only: an entry of the layer at the same
     path stays (a directory then hides the lower one's entries: opaque)."""
     import tarfile
@@ -815,6 +817,14 @@ def raw_reference(layer: Path):
                 whiteouts.append(d + "/" + base[4:])
             else:
                 t = "dir" if ti.isdir() else "symlink" if ti.issym() else "file"
+                if ti.islnk():
+                    # a hardlink to a file of this layer is that file; one to a
+                    # file of a lower layer stays a "hardlink" (to linkname)
+                    target = "/" + ti.linkname.strip("/")
+                    if target.startswith("/./"):
+                        target = target[2:]
+                    if entries.get(target, ["dir"])[0] == "dir":
+                        t = "hardlink"
                 # a later entry replaces an earlier one, and what was below it
                 for q in [q for q in entries if q.startswith(p + "/")] if t != "dir" else []:
                     del entries[q]
@@ -891,6 +901,23 @@ def test_raw_view_keeps_entries_the_layer_also_whites_out(tmp_path):
     assert got_ == [("A", "/c"), ("A", "/d"), ("A", "/d/x")]
     lower = TarBuilder().dir("d").file("d/y", b"y").file("c", b"c0").write(tmp_path / "l0.tar")
     check_stack(tmp_path, [lower, layer])
+
+
+
+def test_hardlinks_to_lower_layers(tmp_path):
+    """Hardlinks to files of lower layers: the effective views are the applied
+    trees; in a layer's raw view such a link is a "hardlink" entry, and a link
+    to another file is a change of its target."""
+    layers = [TarBuilder().dir("d").file("d/x", b"x0" * 10).file("y", b"yy")
+              .file("z", b"zz").write(tmp_path / "0.tar"),
+              TarBuilder().hardlink("l", "d/x").hardlink("d/m", "y").write(tmp_path / "1.tar"),
+              TarBuilder().whiteout("d").file("y", b"new").write(tmp_path / "2.tar"),
+              TarBuilder().hardlink("d2", "l").hardlink("l2", "z").write(tmp_path / "3.tar")]
+    check_stack(tmp_path, layers)
+    other = TarBuilder().hardlink("l", "y").hardlink("d/m", "y").write(tmp_path / "1b.tar")
+    got_ = [(c.code, c.path, c.fields) for c in
+            compare(layer_stack([layers[1]], view="raw"), layer_stack([other], view="raw"))]
+    assert got_ == [("M", "/l", {"linkname": ("/d/x", "/y")})]
 
 
 @settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
