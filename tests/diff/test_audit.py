@@ -918,6 +918,12 @@ def test_hardlinks_to_lower_layers(tmp_path):
     got_ = [(c.code, c.path, c.fields) for c in
             compare(layer_stack([layers[1]], view="raw"), layer_stack([other], view="raw"))]
     assert got_ == [("M", "/l", {"linkname": ("/d/x", "/y")})]
+    # a copy linked from a later layer is wasted only when its last name goes
+    r = analyze_layers(layer_stack(layers))
+    assert [(l.content_bytes, l.wasted_bytes) for l in r.layers] == [(24, 2), (0, 0), (3, 0),
+                                                                       (0, 0)]
+    assert [(w.path, w.size, w.by_layer, w.reason) for w in r.layers[0].wasted] == \
+        [("/y", 2, 2, ["content"])]
 
 
 @settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
