@@ -887,6 +887,18 @@ def check_stack(tmp: Path, layers):
         # (a name whose hardlink group changed may be from a lower layer)
         assert all(c.layer is not None and c.layer.index == n for c in records
                    if set(c.fields) != {"hardlinks"}), n
+    # the bottom against the top, both ways, and the stack against an OCI
+    # layout of its layers
+    last = len(layers) - 1
+    for x, y in ((0, last), (last, 0)):
+        want_list, want_sum = expected(walk(dests[x]), walk(dests[y]), True, True)
+        got_list, got_sum = got(compare(layer_stack(layers, upto=x), layer_stack(layers, upto=y)))
+        assert (got_list, got_sum) == (strip_mtime_values(want_list), want_sum), (x, y)
+    oci = f"oci:{write_oci(layers, tmp / 'oci')}"
+    for n in range(len(layers)):
+        assert got(compare(layer_stack(layers, upto=n), f"{oci}#{n}"))[0] == [], n
+        assert got(compare(f"{oci}#{n}", dests[n]))[0] == [], n
+    assert got(compare(layer_stack(layers, view="raw"), oci, new_view="raw"))[0] == []
 
 
 def test_raw_view_keeps_entries_the_layer_also_whites_out(tmp_path):
