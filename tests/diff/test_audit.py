@@ -15,6 +15,8 @@ mixed pairs too.
 Layer stacks are checked against stacks applied by layerfs.archive, and the
 waste accounting of analyze_layers against the copies an applied image
 still holds.
+
+AUDIT_EXAMPLES=300 runs each property with that many examples.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ from .test_sources import TarBuilder, gnu_tar, mk, write_docker, write_oci
 S = 1_000_000_000
 T0 = 1_700_000_000_123_456_789
 PRIVATE = ("trusted.overlay.", "user.overlay.")
+
+
+def examples(n: int) -> int:
+    """n hypothesis examples, or AUDIT_EXAMPLES of them (a longer search)."""
+    return int(os.environ.get("AUDIT_EXAMPLES", n))
 
 # ----------------------------------------------------------------- the reference model
 
@@ -467,7 +474,7 @@ FILE = ("file", 3, 0o644, T0, (0, 0), None)
 DIR = ("dir", 0o755, None, (0, 0))
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "25")))
+@settings(max_examples=examples(25))
 @given(spec=spec_strategy, edits=edits_strategy)
 # the same size, the last byte differs; a whole-second mtime on one side only
 @example(spec={"a": ("file", 5, 0o644, 100 * S, (0, 0), None)},
@@ -494,7 +501,7 @@ IGNORES = ["mtime", "owner", "uid", "mode", "xattr", "xattr:user.*", "xattr:user
            "size", "linkname", "rdev", "hardlinks"]
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@settings(max_examples=examples(15))
 @given(spec=spec_strategy, edits=edits_strategy,
        ignore=st.lists(st.sampled_from(IGNORES), min_size=1, max_size=3),
        semantic=st.booleans())
@@ -516,7 +523,7 @@ def test_ignored_fields_match_the_reference(tmp_path_factory, spec, edits, ignor
 
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "10")))
+@settings(max_examples=examples(10))
 @given(spec=spec_strategy, edits=edits_strategy)
 def test_directory_mtimes_on_request(tmp_path_factory, spec, edits):
     tmp = tmp_path_factory.mktemp("dmt")
@@ -598,7 +605,7 @@ def test_include_finds_entries_of_a_deleted_directory(tmp_path):
     check_filtered(tmp_path, a, b, ("keep/sub/*",), ())
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@settings(max_examples=examples(15))
 @given(spec=spec_strategy, edits=edits_strategy,
        include=st.lists(st.sampled_from(PATTERNS), max_size=2),
        exclude=st.lists(st.sampled_from(PATTERNS), max_size=2))
@@ -665,7 +672,7 @@ def test_renamed_hardlink_groups_count_no_bytes(tmp_path):
     check_renames(tmp_path / "back", b, a)
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@settings(max_examples=examples(15))
 @given(spec=spec_strategy, edits=st.lists(
     st.tuples(st.one_of(st.integers(0, 20), st.sampled_from(POOL)),
               st.sampled_from(("delete", "replace", "data", "mode")), st.integers(0, 7),
@@ -682,7 +689,7 @@ def test_renames_match_the_reference(tmp_path_factory, spec, edits):
 upper_entry = st.one_of(entry, st.tuples(st.just("whiteout")), st.tuples(st.just("opaque")))
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@settings(max_examples=examples(15))
 @given(spec=st.dictionaries(st.sampled_from(POOL), upper_entry, min_size=1, max_size=10))
 def test_upper_directory_and_its_layer(tmp_path_factory, spec):
     """An upper directory (char 0:0 whiteouts, opaque xattrs) and the layer
@@ -938,7 +945,7 @@ def test_hardlinks_to_lower_layers(tmp_path):
         [("/y", 2, 2, ["content"])]
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "15")))
+@settings(max_examples=examples(15))
 @given(st.lists(st.lists(layer_op, max_size=7), min_size=1, max_size=3))
 # whiteouts and an opaque marker of paths the layer writes itself
 @example(plan=[[("file", "a", 1, 0o644)], [("file", "a", 2, 0o644), ("whiteout", "a")]])
@@ -991,7 +998,7 @@ def held_contents(root: Path):
     return out
 
 
-@settings(max_examples=int(os.environ.get("AUDIT_EXAMPLES", "20")))
+@settings(max_examples=examples(20))
 @given(st.lists(st.lists(layer_op, max_size=7), min_size=1, max_size=4))
 # a file rewritten in three layers; one deleted later; a hardlinked copy
 @example(plan=[[("file", "a", 3, 0o644)], [("file", "a", 3, 0o644)], [("file", "a", 1, 0o644)]])
