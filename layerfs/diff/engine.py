@@ -608,6 +608,7 @@ class Diff:
         self._owned = list(owned)          # sources opened for this diff: closed at its end
         self.summary = Summary()
         self._seen_add: set = set()
+        self._started = False
         self._seen_del: set = set()
 
     # bytes, each hardlink group once ------------------------------------
@@ -839,6 +840,10 @@ class Diff:
         return [out_replace.get(i, c) for i, c in enumerate(changes) if i not in drop]
 
     def __iter__(self) -> Iterator[Change]:
+        if self._started:
+            raise RuntimeError("a Diff lists its changes once (its summary counts them as "
+                               "they go); call compare() again for another pass")
+        self._started = True
         try:
             if not self.options.renames:
                 yield from self._merge()

@@ -48,6 +48,19 @@ def test_identical(pair):
     assert d.summary.changes == 0
 
 
+@pytest.mark.parametrize("renames", [False, True])
+def test_a_diff_lists_its_changes_once(pair, renames):
+    a, b = pair
+    (b / "etc/hosts").write_bytes(b"changed\n")
+    d = compare(a, b, renames=renames)
+    first = list(d)
+    assert [c.path for c in first] == ["/etc/hosts"]
+    counted = d.summary.as_dict()
+    with pytest.raises(RuntimeError, match="once"):
+        list(d)
+    assert d.summary.as_dict() == counted
+
+
 def test_each_field_and_its_text(pair):
     a, b = pair
     os.chmod(b / "usr/bin/ping", 0o4755)
