@@ -182,13 +182,16 @@ class DirFiles:
     def open(self, path: str) -> BinaryIO:
         real = self._resolve(path)
         try:
-            f = open(real, "rb")
+            # O_NONBLOCK: a FIFO put there (or swapped in after the check above)
+            # is refused below instead of blocking the open until a writer comes
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{path} does not exist", os.path.join(self.root, path)) from None
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            f.close()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             raise FormatError(f"{path} is not a regular file", os.path.join(self.root, path))
-        return f
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
     def real_path(self, path: str) -> Optional[str]:
         return self._resolve(path) if self.size(path) is not None else None

@@ -457,3 +457,25 @@ def test_docker_archive_entries_of_one_image_are_one_image(tmp_path):
     with open_image_source(f"docker-archive:{layout}:a:7") as src:
         (got,) = src.images()
     assert "docker.io/library/a:7" in got.names
+
+
+def test_a_fifo_in_an_image_directory_is_refused_without_waiting_for_a_writer(tmp_path):
+    """Opening a file of an image directory never blocks: a FIFO where a blob
+    or document should be (put there, or swapped in after the regular-file
+    check) is a format error at once."""
+    code = textwrap.dedent("""
+        import os, sys
+        from layerfs.images._io import DirFiles
+        from layerfs.images import FormatError
+        os.mkfifo(os.path.join(sys.argv[1], "index.json"))
+        try:
+            DirFiles(sys.argv[1]).open("index.json")
+        except FormatError as e:
+            print("refused:", e)
+    """)
+    root = tmp_path / "layout"
+    root.mkdir()
+    p = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "refused:" in p.stdout and "index.json is not a regular file" in p.stdout
