@@ -34,9 +34,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import fnmatch
+import functools
 import gc
 import os
 import queue
+import re
 import threading
 
 from .. import _native
@@ -160,17 +162,58 @@ class Options:
 
 # ----------------------------------------------------------------- path filters
 
+@functools.lru_cache(maxsize=256)
+def _anchored_glob(pattern: str) -> "re.Pattern[str]":
+    """The regex of a pattern with a "/": anchored at the root ("./" and "/" in
+    front and "/" at the end are dropped), "*" and "?" and "[...]" within one
+    path component, a "**" component any number of components (none
+    included); it matches the path or any of its ancestors."""
+    p = pattern.rstrip("/")
+    while p.startswith("./") or p.startswith("/"):
+        p = p[2:] if p.startswith("./") else p[1:]
+    out = []
+    for comp in p.split("/") if p else []:
+        if comp == "**":
+            out.append("(?:/[^/]+)*")
+            continue
+        out.append("/")
+        i, n = 0, len(comp)
+        while i < n:
+            ch = comp[i]
+            i += 1
+            if ch == "*":
+                out.append("[^/]*")
+            elif ch == "?":
+                out.append("[^/]")
+            elif ch == "[":
+                j = i
+                if j < n and comp[j] in "!^":
+                    j += 1
+                if j < n and comp[j] == "]":
+                    j += 1
+                while j < n and comp[j] != "]":
+                    j += 1
+                if j >= n:                      # no closing bracket: a plain "["
+                    out.append("\\[")
+                    continue
+                body = comp[i:j].replace("\\", "\\\\")
+                i = j + 1
+                neg = body[:1] in ("!", "^")
+                if neg:
+                    body = body[1:]
+                out.append("(?!/)[" + ("^" if neg else "") + body.replace("[", "\\[") + "]")
+            else:
+                out.append(re.escape(ch))
+    if not out:
+        return re.compile("(?!)")               # "/" or "./": names nothing
+    return re.compile("".join(out) + "(?:/.*)?", re.S)
+
+
 def _glob_match(pattern: str, path: str) -> bool:
-    """A pattern with a "/" matches the path (or an ancestor); one without
-    matches any component name."""
+    """A pattern with a "/" (see _anchored_glob) matches the path or an
+    ancestor; one without matches any component name."""
     if "/" in pattern.rstrip("/"):
-        pat = "/" + pattern.strip("/")
-        p = path
-        while p:
-            if fnmatch.fnmatchcase(p, pat):
-                return True
-            p = parent_of(p) if p != "/" else ""
-        return False
+        return _anchored_glob(pattern).fullmatch(path) is not None
     pat = pattern.strip("/")
     return any(fnmatch.fnmatchcase(c, pat) for c in path.split("/") if c)
 

@@ -150,14 +150,29 @@ def meta_fields(ta, pa, tb, pb, a_tar, b_tar, ignore=frozenset(), dir_mtime=Fals
 
 
 def wanted_by(include=(), exclude=()):
-    """The documented path filter: a pattern with a "/" matches the path or an
-    ancestor, one without matches any component name; "/" is always included."""
+    """The documented path filter: a pattern with a "/" is anchored at the root
+    ("./" or "/" in front and "/" at the end dropped) and matches the path or
+    an ancestor, component by component ("*", "?", "[...]" within one, a "**"
+    component any number of them); one without a "/" matches any component
+    name; "/" is always included."""
+    def anchored(pat, path):
+        p = pat.rstrip("/")
+        while p.startswith("./") or p.startswith("/"):
+            p = p[2:] if p.startswith("./") else p[1:]
+        pc = p.split("/") if p else []
+        parts = [c for c in path.split("/") if c]
+
+        def m(i, j):                      # pc[i:] against parts[j:], a prefix of them
+            if i == len(pc):
+                return True
+            if pc[i] == "**":
+                return any(m(i + 1, k) for k in range(j, len(parts) + 1))
+            return j < len(parts) and fnmatch.fnmatchcase(parts[j], pc[i]) and m(i + 1, j + 1)
+        return bool(pc) and m(0, 0)
+
     def match(pat, path):
         if "/" in pat.rstrip("/"):
-            pat = "/" + pat.strip("/")
-            parts = path.split("/")
-            return any(fnmatch.fnmatchcase("/".join(parts[:n]) or "/", pat)
-                       for n in range(1, len(parts) + 1))
+            return anchored(pat, path)
         return any(fnmatch.fnmatchcase(c, pat.strip("/")) for c in path.split("/") if c)
 
     def wanted(path):
@@ -557,7 +572,8 @@ def test_large_files_differing_in_one_byte(tmp_path):
 
 # ----------------------------------------------------------------- path filters
 
-PATTERNS = ["a", "b c", "/a", "/b c/*", "a/*", "*\n*", "\u00e9", "/a/a", "*", "?",
+PATTERNS = ["a", "b c", "/a", "/b c/*", "a/*", "*\n*", "\u00e9", "/a/a", "*", "?", "/*/a",
+            "./a", "/**/a", "/a/**", "/[!b]*/?",
             "/" + os.fsdecode(b"\xff\xfe")]
 
 

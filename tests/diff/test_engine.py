@@ -179,6 +179,26 @@ def test_ignore_include_exclude_semantic(pair):
         compare(a, b, ignore=["colour"])
 
 
+def test_path_globs_stay_within_components(tmp_path):
+    """*, ? and [...] do not cross a "/"; a "**" component spans any number;
+    "./x" is x at the root; a pattern with a "/" takes everything below a match."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in ("usr/x.so", "usr/lib/y.so", "usr/lib/deep/z.so", "etc/hosts", "usr/etc/z"):
+        mk(b, p, b"new")
+    a.mkdir()
+
+    def added(**kw):
+        return sorted(p for code, p, _ in changes(a, b, **kw) if code == "A")
+    assert added(include=["/usr/*.so"]) == ["/usr/x.so"]
+    assert added(include=["/usr/**/*.so"]) == ["/usr/lib/deep/z.so", "/usr/lib/y.so", "/usr/x.so"]
+    assert added(include=["/usr/l?b/*.so"]) == ["/usr/lib/y.so"]
+    assert added(include=["./etc"]) == ["/etc", "/etc/hosts"]
+    assert added(include=["etc"]) == ["/etc", "/etc/hosts", "/usr/etc", "/usr/etc/z"]
+    assert added(include=["/[!u]*"]) == ["/etc", "/etc/hosts"]
+    assert added(exclude=["/usr/**/deep", "/usr/[a-k]*"]) == \
+        ["/etc", "/etc/hosts", "/usr", "/usr/lib", "/usr/lib/y.so", "/usr/x.so"]
+
+
 def test_semantic_compares_content_not_mtime(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     mk(a, "f", b"one", mtime_ns=T0)
