@@ -6,7 +6,10 @@ goes to stdout; progress goes to stderr, only when it is a terminal.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import select
 import sys
 from typing import List, Optional
 
@@ -31,8 +34,42 @@ COMMANDS = {
 }
 
 
+class _StdoutBroken(Exception):
+    """The reader of stdout went away (`layerfs diff A B | head -1`)."""
+
+
+def _stdout_broken() -> bool:
+    """Whether fd 1 is a pipe whose reading end is closed (poll reports POLLERR)."""
+    try:
+        p = select.poll()
+        p.register(1, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's last flush cannot fail."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
+
+
 class LazyGroup(click.Group):
     """A group whose commands are imported on first use."""
+
+    def invoke(self, ctx):
+        # click would turn these into its own exit status (1 for a broken pipe,
+        # whatever standalone_mode says); main() maps them itself
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.errno == errno.EPIPE and _stdout_broken():
+                raise _StdoutBroken() from None
+            raise
 
     def _load(self, name: str) -> None:
         module = COMMANDS.get(name)
@@ -84,10 +121,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         click.echo("layerfs: interrupted", err=True)
         return EXIT_ERROR
+    except _StdoutBroken:
+        _silence_stdout()
+        return EXIT_ERROR
     except (OSError, ValueError) as e:
         click.echo(f"layerfs: error: {_describe(e)}", err=True)
-        return EXIT_ERROR
-    except BrokenPipeError:
         return EXIT_ERROR
     return rv if isinstance(rv, int) else EXIT_OK
 

@@ -1,0 +1,124 @@
+"""The command's contract in the cases the other CLI tests leave out: a closed or
+broken stdout, Ctrl-C, a full disk, unreadable files, names that are not UTF-8,
+bad option values, and failures that must leave the destination as it was.
+
+Every case runs `python -m layerfs` (or layerfs.cli.main in a child process) for real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LAYERFS_CMD
+from tests.diff.test_sources import TarBuilder, write_oci
+
+
+def one_error_line(p, *needles):
+    """The run failed the contract's way: exit 2, one line on stderr naming the needles."""
+    assert p.returncode == 2, f"exit {p.returncode}\nstdout: {p.stdout!r}\nstderr: {p.stderr!r}"
+    err = p.stderr if isinstance(p.stderr, str) else p.stderr.decode()
+    assert "Traceback" not in err, err
+    assert err.startswith("layerfs: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    for n in needles:
+        assert str(n) in err, err
+    return err
+
+
+def many_files(root: Path, n: int = 6000) -> Path:
+    """A directory whose diff against an empty one is far more than a pipe holds."""
+    root.mkdir()
+    for i in range(n):
+        (root / f"file-with-a-rather-long-name-to-fill-the-pipe-{i:05d}").write_bytes(b"")
+    return root
+
+
+def listing(root: Path):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None)
+                  for p in root.rglob("*"))
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs: writing more than that fails with ENOSPC."""
+    mp = tmp_path / "tiny"
+    mp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mp)], check=True)
+    try:
+        yield mp
+    finally:
+        subprocess.run(["umount", "-l", str(mp)], check=True)
+
+
+# --------------------------------------------------------------------------- stdout
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json-lines"]])
+def test_diff_into_a_pipe_closed_early_exits_2_quietly(tmp_path, fmt):
+    """`layerfs diff A B | head -1`: no traceback, and not exit 1 ("different"),
+    which a closed pipe must not pretend to have found out."""
+    (tmp_path / "empty").mkdir()
+    many = many_files(tmp_path / "many")
+    p = subprocess.Popen(LAYERFS_CMD + ["diff", *fmt, str(tmp_path / "empty"), str(many)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()                                   # what `head -1` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 2, err
+    assert first and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_main_returns_its_status_when_stdout_breaks(tmp_path):
+    """main(argv) -> int returns 2 on a broken stdout; it does not raise SystemExit."""
+    (tmp_path / "empty").mkdir()
+    many = many_files(tmp_path / "many")
+    code = ("import sys\nfrom layerfs.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = f'SystemExit({e.code})'\n"
+            "sys.stderr.write(f'returned {rc}\\n')\n")
+    p = subprocess.Popen([sys.executable, "-c", code, "diff", str(tmp_path / "empty"), str(many)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    assert "returned 2\n" in err, err
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+# --------------------------------------------------------------------------- reasons
+
+
+NOBODY_MAIN = """
+import importlib, os, pkgutil, sys
+import layerfs
+for m in pkgutil.walk_packages(layerfs.__path__, "layerfs."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+import difflib, importlib.metadata, json, tempfile  # the interpreter's tree is root's
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+from layerfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def as_nobody(*args, cwd):
+    """layerfs as uid 65534 (imports done first: the interpreter lives under /root)."""
+    return subprocess.run([sys.executable, "-c", NOBODY_MAIN, *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- nothing half-done
+
+
+# --------------------------------------------------------------------------- option values
+
+
