@@ -107,7 +107,19 @@ def _describe(e: BaseException) -> str:
     return str(e) or e.__class__.__name__
 
 
+def _bytes_safe_stdout() -> None:
+    """Paths are bytes: names that are not valid in the encoding go out as they
+    are (as the filesystem encoding decoded them), like ls and diff print them."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (OSError, ValueError):
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _bytes_safe_stdout()
     try:
         rv = cli.main(args=argv, prog_name="layerfs", standalone_mode=False)
     except click.exceptions.Exit as e:

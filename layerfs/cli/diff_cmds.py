@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 
 import click
@@ -83,7 +84,7 @@ def diff_cmd(ctx, old, new, as_json, json_lines, semantic, ignore, include, excl
                    "exclude": list(exclude), "renames": opts.renames, "dir_mtime": dir_mtime}
         progress(f"comparing {a.name} ({a.kind}, {a.view}) with {b.name} ({b.kind}, {b.view})",
                  show)
-        out = click.get_text_stream("stdout")
+        out = sys.stdout          # paths that are not UTF-8 go out as bytes (cli.main)
         if json_lines:
             out.write(json.dumps({"record": "header", "version": JSON_VERSION,
                                   "old": a.describe(), "new": b.describe(),

@@ -91,6 +91,29 @@ def test_main_returns_its_status_when_stdout_breaks(tmp_path):
     assert "returned 2\n" in err, err
 
 
+def test_diff_text_shows_names_that_are_not_utf8(tmp_path):
+    """Paths are bytes: the text output writes them as they are (like ls and diff)
+    instead of failing with an encoding error."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (b / os.fsdecode(b"caf\xe9-latin1")).write_bytes(b"x")
+    p = subprocess.run(LAYERFS_CMD + ["diff", str(a), str(b)], capture_output=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stdout == b"A /caf\xe9-latin1\n"
+    # a layer file's name is printed back the same way, after the unpack worked
+    layer = TarBuilder().file("f", b"f").write(tmp_path / os.fsdecode(b"l\xff.tar"))
+    p = subprocess.run(LAYERFS_CMD + ["unpack", str(layer), str(tmp_path / "dest")],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(os.fsencode(layer) + b"\tdigest sha256:")
+    # the same under the C locale
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    p = subprocess.run(LAYERFS_CMD + ["diff", str(a), str(b)], capture_output=True, timeout=120,
+                       env=env)
+    assert p.returncode == 1 and p.stdout == b"A /caf\xe9-latin1\n", p.stderr
+
+
 # --------------------------------------------------------------------------- Ctrl-C
 
 
