@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import io
 import os
 import select
 import sys
@@ -107,6 +108,34 @@ def _describe(e: BaseException) -> str:
     return str(e) or e.__class__.__name__
 
 
+class _ClosedFd(io.RawIOBase):
+    """Stands for a standard output the command was started without (`>&-`):
+    writing to it fails, as writing to a closed descriptor does."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        raise OSError(errno.EBADF, f"{os.strerror(errno.EBADF)} (it is closed)",
+                      "standard output")
+
+
+def _closed_stdout() -> bool:
+    """When fd 1 is closed: occupy it (files opened later must not become
+    "stdout") and make sys.stdout a stream whose writes fail."""
+    if sys.stdout is not None:
+        return False
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if fd != 1:
+            os.close(fd)
+    except OSError:
+        pass
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_ClosedFd()), encoding="utf-8",
+                                  errors="surrogateescape")
+    return True
+
+
 def _bytes_safe_stdout() -> None:
     """Paths are bytes: names that are not valid in the encoding go out as they
     are (as the filesystem encoding decoded them), like ls and diff print them."""
@@ -119,7 +148,16 @@ def _bytes_safe_stdout() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    closed = _closed_stdout()
     _bytes_safe_stdout()
+    try:
+        return _main(argv)
+    finally:
+        if closed:
+            sys.stdout = None       # what could not be written is dropped at exit
+
+
+def _main(argv: Optional[List[str]]) -> int:
     try:
         rv = cli.main(args=argv, prog_name="layerfs", standalone_mode=False)
     except click.exceptions.Exit as e:

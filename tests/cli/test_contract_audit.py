@@ -114,6 +114,22 @@ def test_diff_text_shows_names_that_are_not_utf8(tmp_path):
     assert p.returncode == 1 and p.stdout == b"A /caf\xe9-latin1\n", p.stderr
 
 
+@pytest.mark.parametrize("args", [["diff", "{a}", "{b}"], ["digest", "{layer}"],
+                                  ["diff", "--json", "{a}", "{b}"]])
+def test_closed_stdout_is_an_error_not_a_traceback_or_silence(tmp_path, args):
+    """Started with fd 1 closed (`layerfs ... >&-`): the output cannot be written,
+    which is an error (exit 2, one line), not a traceback nor a silent exit 0."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (b / "new").write_bytes(b"x")
+    layer = TarBuilder().file("f", b"f").write(tmp_path / "l.tar")
+    argv = [x.format(a=a, b=b, layer=layer) for x in args]
+    p = subprocess.run(LAYERFS_CMD + argv, stderr=subprocess.PIPE, text=True, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    one_error_line(p, "standard output")
+
+
 # --------------------------------------------------------------------------- Ctrl-C
 
 
