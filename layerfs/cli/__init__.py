@@ -35,6 +35,10 @@ COMMANDS = {
 }
 
 
+class _Interrupted(Exception):
+    """Ctrl-C while a command ran (click would print an empty line before its own message)."""
+
+
 class _StdoutBroken(Exception):
     """The reader of stdout went away (`layerfs diff A B | head -1`)."""
 
@@ -67,6 +71,8 @@ class LazyGroup(click.Group):
         # whatever standalone_mode says); main() maps them itself
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
         except OSError as e:
             if e.errno == errno.EPIPE and _stdout_broken():
                 raise _StdoutBroken() from None
@@ -168,7 +174,7 @@ def _main(argv: Optional[List[str]]) -> int:
     except click.ClickException as e:
         click.echo(f"layerfs: error: {e.format_message()}", err=True)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         click.echo("layerfs: interrupted", err=True)
         return EXIT_ERROR
     except _StdoutBroken:

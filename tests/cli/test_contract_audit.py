@@ -133,6 +133,32 @@ def test_closed_stdout_is_an_error_not_a_traceback_or_silence(tmp_path, args):
 # --------------------------------------------------------------------------- Ctrl-C
 
 
+def test_ctrl_c_during_unpack_one_line_no_leftovers(tmp_path):
+    """SIGINT while a layer is read from a FIFO: exit non-zero, one line on stderr,
+    no traceback, and neither DEST nor its staging directory remains."""
+    l0 = TarBuilder().dir("etc").file("etc/a", b"a").write(tmp_path / "0.tar")
+    data = TarBuilder().dir("big").file("big/f", os.urandom(1 << 20)).write(
+        tmp_path / "big.tar").read_bytes()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    dest = tmp_path / "dest"
+    p = subprocess.Popen(LAYERFS_CMD + ["unpack", str(l0), str(fifo), str(dest)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(fifo, "wb") as w:
+        w.write(data[:len(data) // 2])
+        w.flush()
+        p.send_signal(signal.SIGINT)                   # pending before the layer can end
+        try:
+            w.write(data[len(data) // 2:])
+        except BrokenPipeError:
+            pass
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith("layerfs: "), repr(err)
+    assert out == ""
+    assert sorted(os.listdir(tmp_path)) == ["0.tar", "big.tar", "fifo"]
+
+
 # --------------------------------------------------------------------------- reasons
 
 
