@@ -105,9 +105,25 @@ def cli(ctx, root, driver):
     ctx.ensure_object(dict).update(root=root, driver=driver)
 
 
+#: errnos that say something about the system (a full disk, a permission), which
+#: the C core's messages ("cannot write file data", "opening directory") leave out
+_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                  errno.EFBIG, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EMLINK,
+                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG,
+                  errno.EXDEV, errno.EBUSY, errno.ETXTBSY, errno.ENOTEMPTY, errno.EEXIST,
+                  errno.ESTALE, errno.ENXIO, errno.ENODEV, errno.EOVERFLOW}
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, LayerError):
-        return str(e)
+        text = str(e)
+        # the typed errors (NotFound, ...) word their own reason; a plain one may
+        # carry only what was being done when the system call failed
+        if type(e) is LayerError and e.errno in _SYSTEM_ERRNOS:
+            reason = os.strerror(e.errno)
+            if reason.lower() not in text.lower():
+                text = f"{text}: {reason}"
+        return text
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or e}"

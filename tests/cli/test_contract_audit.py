@@ -162,6 +162,14 @@ def test_ctrl_c_during_unpack_one_line_no_leftovers(tmp_path):
 # --------------------------------------------------------------------------- reasons
 
 
+def test_full_disk_error_says_the_disk_is_full(tmp_path, tiny_fs):
+    layer = TarBuilder().dir("d").file("d/big", os.urandom(2 << 20)).write(tmp_path / "l.tar")
+    p = subprocess.run(LAYERFS_CMD + ["unpack", str(layer), str(tiny_fs / "out")],
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(p, layer, "d/big", os.strerror(28))
+    assert os.listdir(tiny_fs) == []                   # nothing staged remains
+
+
 NOBODY_MAIN = """
 import importlib, os, pkgutil, sys
 import layerfs
@@ -179,6 +187,18 @@ def as_nobody(*args, cwd):
     """layerfs as uid 65534 (imports done first: the interpreter lives under /root)."""
     return subprocess.run([sys.executable, "-c", NOBODY_MAIN, *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
+
+
+def test_unreadable_directory_error_says_permission_denied(tmp_path):
+    """Relative names: the child starts in tmp_path, whose parents are root's 0700."""
+    os.chmod(tmp_path, 0o755)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "f").write_bytes(b"f")
+    os.chmod(locked, 0)
+    (tmp_path / "other").mkdir()
+    p = as_nobody("diff", "locked", "other", cwd=tmp_path)
+    one_error_line(p, "locked", os.strerror(13))
 
 
 # --------------------------------------------------------------------------- nothing half-done
