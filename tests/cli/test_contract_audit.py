@@ -204,6 +204,23 @@ def test_unreadable_directory_error_says_permission_denied(tmp_path):
 # --------------------------------------------------------------------------- nothing half-done
 
 
+def test_unpack_onto_a_populated_dest_with_a_corrupt_layer_leaves_it_unchanged(tmp_path):
+    """The first layer is fine, the second is cut short: DEST, which already holds
+    files (so it is not staged), must not keep the first layer's files."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep").write_bytes(b"mine")
+    before = listing(dest)
+    good = TarBuilder().dir("etc").file("etc/a", b"a" * 3000).write(tmp_path / "0.tar")
+    whole = TarBuilder().dir("usr").file("usr/b", b"b" * 5000).write(tmp_path / "1.tar")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:1600])
+    p = subprocess.run(LAYERFS_CMD + ["unpack", str(good), str(cut), str(dest)],
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(p, cut)
+    assert listing(dest) == before
+
+
 # --------------------------------------------------------------------------- option values
 
 
