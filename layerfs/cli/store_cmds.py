@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import threading
 import time
 from typing import List, Optional
@@ -227,6 +228,14 @@ def import_cmd(store, tarball, ref, message, platform, quiet, as_json):
 @store_options
 def save_cmd(store, refs, output, fmt, allow_recompress, quiet, as_json):
     """Write images to an OCI layout or a docker-archive, with their original digests."""
+    if fmt != "oci-dir":
+        # the tarball is written beside itself and renamed into place: without
+        # this, a missing directory was reported under the temporary file's name
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            from ..errors import NotFound
+            what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+            raise NotFound(f"cannot write the tarball: {parent} {what}", output)
     s = store()
     with _progress(quiet) as prog:
         res = s.save(list(refs), output, fmt, allow_recompress=allow_recompress, progress=prog)

@@ -221,6 +221,24 @@ def test_unpack_onto_a_populated_dest_with_a_corrupt_layer_leaves_it_unchanged(t
     assert listing(dest) == before
 
 
+def test_save_into_a_missing_directory_names_the_output(tmp_path):
+    layer = TarBuilder().dir("etc").file("etc/a", b"a").write(tmp_path / "0.tar")
+    oci = write_oci([layer], tmp_path / "oci")
+    root = tmp_path / "store"
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", "load", "-q", "-i",
+                                      str(oci)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "no" / "such" / "dir" / "img.tar"
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "save", "example.com/test/img:1",
+                                      "-o", str(out)], capture_output=True, text=True, timeout=120)
+    err = one_error_line(p, out)
+    assert ".tmp-" not in err
+    assert not (tmp_path / "no").exists()
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "fsck", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True, p.stdout + p.stderr
+
+
 # --------------------------------------------------------------------------- option values
 
 
