@@ -5,6 +5,7 @@ import json
 import re
 import sys
 import time
+from typing import Optional
 
 import click
 
@@ -120,22 +121,25 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 10
           "gi": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: Optional[str] = None) -> int:
     m = _SIZE.match(text)
     unit = (m.group(2) or "").lower() if m else None
     if not m or unit not in _UNITS:
-        raise click.BadParameter(f"not a size: {text!r} (e.g. 1048576, 10MB, 1.5GiB)")
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 1048576, 10MB, 1.5GiB)",
+                                 param_hint=option)
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def parse_ratio(text: str) -> float:
+def parse_ratio(text: str, option: Optional[str] = None) -> float:
     t = text.strip()
     try:
         v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise click.BadParameter(f"not a ratio: {text!r} (e.g. 0.95 or 95%)") from None
+        raise click.BadParameter(f"not a ratio: {text!r} (e.g. 0.95 or 95%)",
+                                 param_hint=option) from None
     if not 0 <= v <= 1:
-        raise click.BadParameter(f"{text!r} is not between 0 and 1 (0% and 100%)")
+        raise click.BadParameter(f"{text!r} is not between 0 and 1 (0% and 100%)",
+                                 param_hint=option)
     return v
 
 
@@ -164,8 +168,10 @@ def layers_cmd(ctx, sources, as_json, details, top, max_wasted_bytes, min_effici
     or the fields that differ: content, mode, owner, mtime, xattr).
     """
     from ..diff import layers as L, sources as S
-    max_wasted = parse_size(max_wasted_bytes) if max_wasted_bytes is not None else None
-    min_eff = parse_ratio(min_efficiency) if min_efficiency is not None else None
+    max_wasted = parse_size(max_wasted_bytes, "'--max-wasted-bytes'") \
+        if max_wasted_bytes is not None else None
+    min_eff = parse_ratio(min_efficiency, "'--min-efficiency'") \
+        if min_efficiency is not None else None
     show = progress_enabled(quiet)
     start = time.monotonic()
     root = (ctx.find_object(dict) or {}).get("root")

@@ -242,3 +242,13 @@ def test_save_into_a_missing_directory_names_the_output(tmp_path):
 # --------------------------------------------------------------------------- option values
 
 
+@pytest.mark.parametrize("option,value", [("--max-wasted-bytes", "lots"),
+                                          ("--min-efficiency", "half"),
+                                          ("--min-efficiency", "2")])
+def test_bad_gate_values_name_the_option(tmp_path, option, value):
+    layer = TarBuilder().file("f", b"f").write(tmp_path / "0.tar")
+    p = subprocess.run(LAYERFS_CMD + ["layers", option, value, str(layer)], capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(p, option, value)
+
+
