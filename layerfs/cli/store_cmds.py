@@ -417,6 +417,9 @@ def tag_cmd(store, source, target):
 def rmi_cmd(store, refs, force, as_json):
     """Remove names, and images with the layers and blobs nothing else uses."""
     s = store()
+    with s.reading():                # an unknown name removes nothing, not the names before it
+        for ref in refs:
+            s.resolve(ref)
     results = []
     for ref in refs:
         r = s.rmi(ref, force=force)

@@ -252,3 +252,23 @@ def test_bad_gate_values_name_the_option(tmp_path, option, value):
     one_error_line(p, option, value)
 
 
+
+
+def test_rmi_with_an_unknown_reference_removes_nothing(tmp_path):
+    """`rmi IMG nosuch`: the unknown name is an error before anything is removed
+    (not after IMG is gone, which --json would then not even report)."""
+    layer = TarBuilder().dir("etc").file("etc/a", b"a").write(tmp_path / "0.tar")
+    oci = write_oci([layer], tmp_path / "oci")
+    root = str(tmp_path / "store")
+    run = lambda *a: subprocess.run(LAYERFS_CMD + ["--root", root, *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    assert run("--driver", "vfs", "load", "-q", "-i", str(oci)).returncode == 0
+    for fmt in ([], ["--json"]):
+        p = run("rmi", *fmt, "example.com/test/img:1", "nosuch:1")
+        one_error_line(p, "nosuch:1")
+        assert p.stdout == ""
+        p = run("images", "--json")
+        names = [n for i in json.loads(p.stdout)["images"] for n in i["names"]]
+        assert names == ["example.com/test/img:1"]
+    p = run("fsck", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
