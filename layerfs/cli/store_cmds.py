@@ -141,6 +141,15 @@ def _ago(created: Optional[str]) -> str:
     return "just now" if secs >= 0 else created
 
 
+def _check_names(*names: Optional[str]) -> None:
+    """Refuse a name that is not a valid reference before anything is stored
+    (the store would take the image first and then fail to name it)."""
+    from ..images.reference import parse
+    for n in names:
+        if n is not None:
+            parse(n)
+
+
 def _split_name(name: str):
     from ..images.reference import parse
     r = parse(name)
@@ -175,6 +184,7 @@ def _table(rows: List[List[str]], headers: List[str]) -> None:
 @store_options
 def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
     """Load the images of an OCI layout or docker-archive into the store."""
+    _check_names(base_name, *tags)
     s = store()
     with _progress(quiet) as prog:
         res = s.load(source, platform=platform, base_name=base_name,
@@ -204,6 +214,7 @@ def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
 @store_options
 def import_cmd(store, tarball, ref, message, platform, quiet, as_json):
     """Make a one-layer image of a root filesystem tarball (like docker import)."""
+    _check_names(ref)
     s = store()
     with _progress(quiet) as prog:
         r = s.import_rootfs(tarball, ref, message=message, platform=platform, progress=prog)

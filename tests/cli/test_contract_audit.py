@@ -272,3 +272,28 @@ def test_rmi_with_an_unknown_reference_removes_nothing(tmp_path):
         assert names == ["example.com/test/img:1"]
     p = run("fsck", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize("how", ["load -t", "load --name", "import"])
+def test_a_bad_image_name_stores_nothing(tmp_path, how):
+    """A name that is not a valid reference is refused before the image is
+    stored, not after (which left an untagged image behind, and exit 2)."""
+    layer = TarBuilder().dir("etc").file("etc/a", b"a").write(tmp_path / "0.tar")
+    oci = write_oci([layer], tmp_path / "oci")
+    # a bare OCI tag, so that --name is what names it
+    index = json.loads((oci / "index.json").read_text())
+    index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "1"}
+    (oci / "index.json").write_text(json.dumps(index))
+    root = str(tmp_path / "store")
+    run = lambda *a: subprocess.run(LAYERFS_CMD + ["--root", root, "--driver", "vfs", *a],  # noqa
+                                    capture_output=True, text=True, timeout=120)
+    args = {"load -t": ["load", "-i", str(oci), "-t", "ok:1", "-t", "Not/Valid"],
+            "load --name": ["load", "-i", str(oci), "--name", "Not/Valid"],
+            "import": ["import", str(layer), "Not/Valid"]}[how]
+    one_error_line(run(*args), "Not/Valid")
+    p = run("df", "--json")
+    assert p.returncode == 0, p.stderr
+    totals = json.loads(p.stdout)["totals"]
+    assert (totals["images"], totals["layers"], totals["blobs"]) == (0, 0, 0)
+
+
