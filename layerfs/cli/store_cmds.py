@@ -26,7 +26,15 @@ def _open_store(ctx: click.Context, root: Optional[str], driver: Optional[str]):
     from ..store import Store
     obj = ctx.find_object(dict) or {}
     if "store" not in obj:
-        store = Store(root or obj.get("root"), driver or obj.get("driver"))
+        driver = driver or obj.get("driver")
+        if driver is not None:
+            # a new store records its driver before the driver is loaded: a name
+            # no driver has would be remembered, and refuse every later command
+            from .. import drivers
+            if driver not in drivers.names():
+                raise click.BadParameter(f"unknown storage driver {driver!r} (known: "
+                                         f"{', '.join(drivers.names())})", param_hint="'--driver'")
+        store = Store(root or obj.get("root"), driver)
         obj["store"] = store
         ctx.find_root().call_on_close(store.close)
     return obj["store"]

@@ -297,3 +297,16 @@ def test_a_bad_image_name_stores_nothing(tmp_path, how):
     assert (totals["images"], totals["layers"], totals["blobs"]) == (0, 0, 0)
 
 
+def test_an_unknown_driver_is_not_remembered(tmp_path):
+    """--driver with a name no driver has: an error that does not write the name
+    into a new store (which then refused every later command)."""
+    root = tmp_path / "store"
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "bogus", "images"],
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(p, "bogus")
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "images", "--driver", "bogus"],
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(p, "bogus")
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", "images", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["images"] == [], p.stderr
