@@ -310,3 +310,24 @@ def test_an_unknown_driver_is_not_remembered(tmp_path):
     p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", "images", "--json"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and json.loads(p.stdout)["images"] == [], p.stderr
+
+
+@pytest.mark.parametrize("verb", [["images"], ["df", "--json"], ["prune"]])
+def test_root_that_holds_other_files_is_not_made_a_store(tmp_path, verb):
+    """--root naming a directory of other files (a typo, $HOME): an error, and
+    nothing of a store is written among those files."""
+    root = tmp_path / "documents"
+    root.mkdir()
+    (root / "notes.txt").write_bytes(b"mine")
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), *verb], capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(p, root, "not a layerfs store")
+    assert os.listdir(root) == ["notes.txt"]
+    # an empty directory, or one holding a store, is fine
+    (tmp_path / "empty").mkdir()
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(tmp_path / "empty"), "--driver", "vfs",
+                                      *verb], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(tmp_path / "empty"), *verb],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
