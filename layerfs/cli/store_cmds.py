@@ -282,8 +282,17 @@ def save_cmd(store, refs, output, fmt, allow_recompress, quiet, as_json):
             what = "is not a directory" if os.path.lexists(parent) else "does not exist"
             raise NotFound(f"cannot write the tarball: {parent} {what}", output)
     s = store()
-    with _progress(quiet) as prog:
-        res = s.save(list(refs), output, fmt, allow_recompress=allow_recompress, progress=prog)
+    try:
+        with _progress(quiet) as prog:
+            if fmt != "oci-dir" and not os.path.isdir(output):
+                res = _save_tarball(s, list(refs), output, fmt, allow_recompress, prog)
+            else:
+                res = s.save(list(refs), output, fmt, allow_recompress=allow_recompress,
+                             progress=prog)
+    except OSError as e:
+        if not e.filename:          # a write that failed (a full disk) names no file
+            e.filename = output
+        raise
     for img in res.images:
         if img.manifest_digest != img.written_manifest_digest:
             click.echo(f"layerfs: note: image {_short(img.id)}: {img.recompressed_layers} layer "
@@ -293,6 +302,29 @@ def save_cmd(store, refs, output, fmt, allow_recompress, quiet, as_json):
     if as_json:
         emit_json({"version": 1, **res.to_json()})
     return 0
+
+
+def _save_tarball(s, refs, output: str, fmt: str, allow_recompress: bool, prog):
+    """Save into a directory of our own beside output, then rename the tarball onto
+    output: whatever a failure (a full disk, Ctrl-C) leaves goes with that directory."""
+    import shutil
+    import tempfile
+    output = os.path.abspath(output)
+    parent, base = os.path.split(output)
+    work = tempfile.mkdtemp(prefix=f".{base}.save-", dir=parent)
+    try:
+        res = s.save(refs, os.path.join(work, base), fmt, allow_recompress=allow_recompress,
+                     progress=prog)
+        os.rename(os.path.join(work, base), output)
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res.dest = output
+    return res
 
 
 # --------------------------------------------------------------------------- listing

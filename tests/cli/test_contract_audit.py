@@ -331,3 +331,23 @@ def test_root_that_holds_other_files_is_not_made_a_store(tmp_path, verb):
     p = subprocess.run(LAYERFS_CMD + ["--root", str(tmp_path / "empty"), *verb],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker-archive"])
+def test_save_onto_a_full_disk_leaves_nothing_and_names_the_output(tmp_path, tiny_fs, fmt):
+    big = TarBuilder().dir("d").file("d/big", os.urandom(2 << 20)).write(tmp_path / "0.tar")
+    oci = write_oci([big], tmp_path / "oci")
+    root = str(tmp_path / "store")
+    run = lambda *a: subprocess.run(LAYERFS_CMD + ["--root", root, *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    assert run("--driver", "vfs", "load", "-q", "-i", str(oci)).returncode == 0
+    out = tiny_fs / "img.tar"
+    p = run("save", "--format", fmt, "example.com/test/img:1", "-o", str(out))
+    one_error_line(p, out, os.strerror(28))
+    assert os.listdir(tiny_fs) == []                   # no partial or hidden temporary file
+    # where there is room, the same command writes the tarball under its name
+    good = tmp_path / "img.tar"
+    p = run("save", "--json", "--format", fmt, "example.com/test/img:1", "-o", str(good))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["dest"] == str(good)
+    assert sorted(os.listdir(tmp_path)) == ["0.tar", "img.tar", "oci", "store", "tiny"]
