@@ -11,6 +11,7 @@ import click
 
 from . import EXIT_DIFFERENT, EXIT_OK, cli
 from ._output import emit_json, human_size, progress, progress_enabled
+from ._root import check_store_to_read
 from ..diff.output import JSON_VERSION, change_record, format_change, summary_text
 
 _SOURCE_HELP = ("OLD and NEW: a directory, a layer tarball (tar, tar.gz, tar.zst), an OCI "
@@ -61,6 +62,7 @@ def diff_cmd(ctx, old, new, as_json, json_lines, semantic, ignore, include, excl
     show = progress_enabled(quiet)
     start = time.monotonic()
     root = (ctx.find_object(dict) or {}).get("root")
+    check_store_to_read(root, (old, new))
     a = sources.open_source(old, "raw" if (raw or raw_old) else None, platform=platform,
                             store_root=root)
     try:
@@ -175,6 +177,7 @@ def layers_cmd(ctx, sources, as_json, details, top, max_wasted_bytes, min_effici
     show = progress_enabled(quiet)
     start = time.monotonic()
     root = (ctx.find_object(dict) or {}).get("root")
+    check_store_to_read(root, sources)
     src = S.open_source(sources[0], platform=platform, store_root=root) \
         if len(sources) == 1 else S.layer_stack(sources)
     try:

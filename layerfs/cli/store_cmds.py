@@ -18,6 +18,7 @@ import click
 
 from . import EXIT_DIFFERENT, cli
 from ._output import emit_json, human_size, progress_enabled
+from ._root import check_new_root
 
 # --------------------------------------------------------------------------- store access
 
@@ -36,34 +37,11 @@ def _open_store(ctx: click.Context, root: Optional[str], driver: Optional[str]):
                                          f"{', '.join(drivers.names())})", param_hint="'--driver'")
         root = root or obj.get("root")
         if root:
-            _check_root(root)
+            check_new_root(root)
         store = Store(root, driver)
         obj["store"] = store
         ctx.find_root().call_on_close(store.close)
     return obj["store"]
-
-
-#: what a store directory holds (layerfs.store.store), and what a filesystem
-#: made for one holds before that
-_STORE_NAMES = {"store.json", "lock", "meta.lock", "driver", "layers", "blobs", "images",
-                "repositories.json", "mounts", "locks", "tmp", "lost+found"}
-
-
-def _check_root(root: str) -> None:
-    """A --root that is not a store yet must be missing or empty: a directory of
-    other files (a typo, $HOME) is not turned into one."""
-    try:
-        names = set(os.listdir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    if "store.json" in names:
-        return
-    other = sorted(names - _STORE_NAMES)
-    if other:
-        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
-        raise click.BadParameter(f"{root}: not a layerfs store, and not empty (it holds "
-                                 f"{', '.join(map(repr, other[:3]))}{more})",
-                                 param_hint="'--root'")
 
 
 def store_options(f):

@@ -351,3 +351,21 @@ def test_save_onto_a_full_disk_leaves_nothing_and_names_the_output(tmp_path, tin
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["dest"] == str(good)
     assert sorted(os.listdir(tmp_path)) == ["0.tar", "img.tar", "oci", "store", "tiny"]
+
+
+@pytest.mark.parametrize("verb", [["diff", "store:img:1", "empty:"], ["layers", "store:img:1"]])
+def test_reading_store_sources_does_not_make_a_store(tmp_path, verb):
+    """diff and layers only read a store: a --root without one is an error, and
+    neither a new directory nor a store among other files is created."""
+    missing = tmp_path / "missing"
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(missing), *verb], capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(p, missing, "no layerfs store")
+    assert not missing.exists()
+    other = tmp_path / "documents"
+    other.mkdir()
+    (other / "notes.txt").write_bytes(b"mine")
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(other), *verb], capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(p, other, "no layerfs store")
+    assert os.listdir(other) == ["notes.txt"]
