@@ -42,7 +42,10 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
         progress(f"layer {i + 1}/{len(layers)} {name}: {r.entries} entries, "
                  f"{human_size(r.tar_size)} ({r.compression})", show)
 
-    results = unpack_layers(layers, dest, whiteouts=whiteouts, owners=owners,
+    # a symlink to a directory stands for that directory (the staging directory
+    # of an empty one is renamed onto it, which a symlink in its place refuses)
+    target = os.path.realpath(dest) if os.path.islink(dest) and os.path.isdir(dest) else dest
+    results = unpack_layers(layers, target, whiteouts=whiteouts, owners=owners,
                             skip_devices=skip_devices, no_xattrs=no_xattrs, progress=on_layer)
     warnings = sum(r.warnings for r in results)
     if warnings:

@@ -369,3 +369,18 @@ def test_reading_store_sources_does_not_make_a_store(tmp_path, verb):
                        text=True, timeout=120)
     one_error_line(p, other, "no layerfs store")
     assert os.listdir(other) == ["notes.txt"]
+
+
+def test_unpack_into_a_symlink_to_an_empty_directory(tmp_path):
+    """DEST a symlink to an empty directory: the layers land in that directory
+    (it failed with 'Not a directory', naming the staging directory)."""
+    layer = TarBuilder().dir("etc").file("etc/a", b"a").write(tmp_path / "0.tar")
+    (tmp_path / "real").mkdir()
+    os.symlink("real", tmp_path / "link")
+    p = subprocess.run(LAYERFS_CMD + ["unpack", "--json", str(layer), str(tmp_path / "link")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["dest"] == str(tmp_path / "link")
+    assert os.readlink(tmp_path / "link") == "real"
+    assert (tmp_path / "real/etc/a").read_bytes() == b"a"
+    assert sorted(os.listdir(tmp_path)) == ["0.tar", "link", "real"]
