@@ -546,12 +546,13 @@ def fsck_cmd(store, quick, quiet, as_json):
     if as_json:
         emit_json({"version": 1, **rep.to_json()})
     else:
-        for p in rep.problems:
+        for p in rep.problems:                  # the findings: stdout
             click.echo(str(p))
-        click.echo(f"checked {rep.blobs} blob(s), {rep.layers} layer(s) ({rep.layers_verified} "
-                   f"rebuilt from their records), {rep.images} image(s), {rep.names} name(s) "
-                   f"in {time.monotonic() - t0:.1f}s: "
-                   f"{'ok' if rep.ok else f'{len(rep.problems)} problem(s)'}")
+        if not quiet:                           # the summary: stderr, as diff's
+            click.echo(f"checked {rep.blobs} blob(s), {rep.layers} layer(s) "
+                       f"({rep.layers_verified} rebuilt from their records), {rep.images} "
+                       f"image(s), {rep.names} name(s) in {time.monotonic() - t0:.1f}s: "
+                       f"{'ok' if rep.ok else f'{len(rep.problems)} problem(s)'}", err=True)
     return 0 if rep.ok else EXIT_DIFFERENT
 
 

@@ -384,3 +384,27 @@ def test_unpack_into_a_symlink_to_an_empty_directory(tmp_path):
     assert os.readlink(tmp_path / "link") == "real"
     assert (tmp_path / "real/etc/a").read_bytes() == b"a"
     assert sorted(os.listdir(tmp_path)) == ["0.tar", "link", "real"]
+
+
+def test_fsck_prints_problems_on_stdout_and_its_summary_on_stderr(tmp_path):
+    """`layerfs fsck > problems.txt` holds the problems only (none for a sound
+    store); the 'checked ...' summary goes to stderr, as diff's does."""
+    layer = TarBuilder().dir("etc").file("etc/a", b"a" * 100).write(tmp_path / "0.tar")
+    oci = write_oci([layer], tmp_path / "oci")
+    root = tmp_path / "store"
+    run = lambda *a: subprocess.run(LAYERFS_CMD + ["--root", str(root), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    assert run("--driver", "vfs", "load", "-q", "-i", str(oci)).returncode == 0
+    p = run("fsck")
+    assert p.returncode == 0 and p.stdout == "", p.stdout
+    assert p.stderr.startswith("checked ") and p.stderr.rstrip().endswith(": ok")
+    blobs = root / "blobs" / "sha256"
+    victim = sorted(blobs.iterdir())[0]
+    with open(victim, "ab") as f:
+        f.write(b"x")
+    p = run("fsck")
+    assert p.returncode == 1
+    assert p.stdout.splitlines() and all(l.startswith(("blob ", "layer ", "image ", "name "))
+                                         for l in p.stdout.splitlines()), p.stdout
+    assert f"blob sha256:{victim.name}" in p.stdout
+    assert "checked " in p.stderr and "problem(s)" in p.stderr
