@@ -45,8 +45,18 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
     # a symlink to a directory stands for that directory (the staging directory
     # of an empty one is renamed onto it, which a symlink in its place refuses)
     target = os.path.realpath(dest) if os.path.islink(dest) and os.path.isdir(dest) else dest
-    results = unpack_layers(layers, target, whiteouts=whiteouts, owners=owners,
-                            skip_devices=skip_devices, no_xattrs=no_xattrs, progress=on_layer)
+    made = _missing_parents(target)             # made for DEST; removed again on failure
+    try:
+        results = unpack_layers(layers, target, whiteouts=whiteouts, owners=owners,
+                                skip_devices=skip_devices, no_xattrs=no_xattrs,
+                                progress=on_layer)
+    except BaseException:
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     warnings = sum(r.warnings for r in results)
     if warnings:
         first = next(r.first_warning for r in results if r.warnings)
@@ -69,6 +79,16 @@ def _populated_dir(path: str) -> bool:
             return next(it, None) is not None
     except (FileNotFoundError, NotADirectoryError):
         return False
+
+
+def _missing_parents(dest: str):
+    """DEST's ancestors that do not exist yet, deepest first."""
+    out = []
+    p = os.path.dirname(os.path.abspath(dest))
+    while p != os.path.dirname(p) and not os.path.lexists(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
 
 
 def _check_layers(layers) -> None:

@@ -408,3 +408,18 @@ def test_fsck_prints_problems_on_stdout_and_its_summary_on_stderr(tmp_path):
                                          for l in p.stdout.splitlines()), p.stdout
     assert f"blob sha256:{victim.name}" in p.stdout
     assert "checked " in p.stderr and "problem(s)" in p.stderr
+
+
+def test_failed_unpack_removes_the_parents_it_made(tmp_path):
+    """DEST's missing parents are made for it; when a layer fails they go too."""
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar archive " * 40)
+    dest = tmp_path / "a" / "b" / "c" / "dest"
+    p = subprocess.run(LAYERFS_CMD + ["unpack", str(bad), str(dest)], capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(p, bad)
+    assert sorted(os.listdir(tmp_path)) == ["bad.tar"]
+    good = TarBuilder().file("f", b"f").write(tmp_path / "good.tar")
+    p = subprocess.run(LAYERFS_CMD + ["unpack", str(good), str(dest)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and (dest / "f").read_bytes() == b"f", p.stderr
