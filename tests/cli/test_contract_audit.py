@@ -423,3 +423,15 @@ def test_failed_unpack_removes_the_parents_it_made(tmp_path):
     p = subprocess.run(LAYERFS_CMD + ["unpack", str(good), str(dest)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and (dest / "f").read_bytes() == b"f", p.stderr
+
+
+def test_a_damaged_store_json_is_named(tmp_path):
+    root = tmp_path / "store"
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", "images"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (root / "store.json").write_text('{"version": 1, "driver": ')
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "images"], capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(p, root / "store.json", "not valid JSON")
+    assert (root / "store.json").read_text() == '{"version": 1, "driver": '
