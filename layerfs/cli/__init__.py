@@ -115,6 +115,8 @@ _SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and isinstance(e.filename, bytes):
+        e.filename = os.fsdecode(e.filename)        # not "b'/path'"
     if isinstance(e, LayerError):
         text = str(e)
         # the typed errors (NotFound, ...) word their own reason; a plain one may

@@ -435,3 +435,11 @@ def test_a_damaged_store_json_is_named(tmp_path):
                        text=True, timeout=120)
     one_error_line(p, root / "store.json", "not valid JSON")
     assert (root / "store.json").read_text() == '{"version": 1, "driver": '
+
+
+def test_an_error_names_a_path_as_text_not_as_bytes(tmp_path):
+    missing = tmp_path / "no-such-upper"
+    p = subprocess.run(LAYERFS_CMD + ["diff", f"upper:{missing}", "empty:"], capture_output=True,
+                       text=True, timeout=120)
+    err = one_error_line(p, f"{missing}: ")
+    assert "b'" not in err
