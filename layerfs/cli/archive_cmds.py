@@ -1,6 +1,7 @@
 """Verbs on layer archives: unpack, digest."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -46,6 +47,8 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
     # of an empty one is renamed onto it, which a symlink in its place refuses)
     target = os.path.realpath(dest) if os.path.islink(dest) and os.path.isdir(dest) else dest
     made = _missing_parents(target)             # made for DEST; removed again on failure
+    if not _populated_dir(target):
+        _check_can_make(dest, made[-1] if made else os.path.dirname(os.path.abspath(target)))
     try:
         results = unpack_layers(layers, target, whiteouts=whiteouts, owners=owners,
                                 skip_devices=skip_devices, no_xattrs=no_xattrs,
@@ -89,6 +92,17 @@ def _missing_parents(dest: str):
         out.append(p)
         p = os.path.dirname(p)
     return out
+
+
+def _check_can_make(dest: str, where: str) -> None:
+    """A missing or empty DEST is built in a directory staged beside it: refuse
+    early, naming the directory, when this user cannot create anything there."""
+    anc = where
+    while not os.path.lexists(anc) and anc != os.path.dirname(anc):
+        anc = os.path.dirname(anc)
+    if os.path.isdir(anc) and not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (cannot make "
+                              f"{dest} in this directory)", anc)
 
 
 def _check_layers(layers) -> None:

@@ -443,3 +443,32 @@ def test_an_error_names_a_path_as_text_not_as_bytes(tmp_path):
                        text=True, timeout=120)
     err = one_error_line(p, f"{missing}: ")
     assert "b'" not in err
+
+
+@pytest.fixture
+def open_tmp():
+    """A directory every user can reach (pytest's tmp_path lies under root's 0700 one)."""
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="layerfs-cli-"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        for p in [d, *d.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(d)
+
+
+def test_unpack_where_dest_cannot_be_made_names_that_directory(open_tmp):
+    """As a user who cannot write the directory DEST would be made in: the error
+    names that directory, not the hidden staging directory it could not create."""
+    tmp_path = open_tmp
+    TarBuilder().file("f", b"f").write(tmp_path / "0.tar")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    os.chmod(tmp_path / "ro", 0o555)
+    p = as_nobody("unpack", "--owners", "skip", "0.tar", "ro/dest", cwd=tmp_path)
+    err = one_error_line(p, "ro", os.strerror(13), "ro/dest")
+    assert ".new-" not in err
+    assert os.listdir(tmp_path / "ro") == []
