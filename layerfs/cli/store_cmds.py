@@ -183,6 +183,27 @@ def _check_names(*names: Optional[str]) -> None:
             parse(n)
 
 
+def _check_seekable(source: str) -> None:
+    """An image tarball is read with seeks: refuse a pipe or a device up front
+    (reading one blocked with no writer, or failed with a bare 'Illegal seek')."""
+    import stat
+    candidates = [source]
+    prefix, sep, rest = source.partition(":")
+    if sep and prefix in ("oci", "oci-archive", "docker-archive"):
+        candidates += [rest, rest.rpartition(":")[0]]
+    for c in candidates:
+        try:
+            st = os.stat(c)
+        except (OSError, ValueError):
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+            from ..errors import LayerError
+            raise LayerError(errno.ESPIPE, f"{kind}: an image tarball is read with seeks; "
+                             "write it to a file first", c)
+        return
+
+
 def _split_name(name: str):
     from ..images.reference import parse
     r = parse(name)
@@ -218,6 +239,7 @@ def _table(rows: List[List[str]], headers: List[str]) -> None:
 def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
     """Load the images of an OCI layout or docker-archive into the store."""
     _check_names(base_name, *tags)
+    _check_seekable(source)
     s = store()
     with _progress(quiet) as prog:
         res = s.load(source, platform=platform, base_name=base_name,

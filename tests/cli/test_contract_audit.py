@@ -472,3 +472,16 @@ def test_unpack_where_dest_cannot_be_made_names_that_directory(open_tmp):
     err = one_error_line(p, "ro", os.strerror(13), "ro/dest")
     assert ".new-" not in err
     assert os.listdir(tmp_path / "ro") == []
+
+
+def test_load_from_a_pipe_is_refused_by_name(tmp_path):
+    """An image tarball is read with seeks: `load -i FIFO` (or /dev/stdin from a
+    pipe) is refused naming the input, not with a bare 'Illegal seek' after
+    blocking on the pipe."""
+    fifo = tmp_path / "image.tar"
+    os.mkfifo(fifo)
+    root = tmp_path / "store"
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", "load", "-i",
+                                      str(fifo)], capture_output=True, text=True, timeout=60)
+    one_error_line(p, fifo, "pipe")
+    assert not root.exists()
