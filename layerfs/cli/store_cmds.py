@@ -183,7 +183,7 @@ def _check_names(*names: Optional[str]) -> None:
             parse(n)
 
 
-def _check_seekable(source: str) -> None:
+def _check_seekable(source: str, why: str = "an image tarball is read with seeks") -> None:
     """An image tarball is read with seeks: refuse a pipe or a device up front
     (reading one blocked with no writer, or failed with a bare 'Illegal seek')."""
     import stat
@@ -199,8 +199,7 @@ def _check_seekable(source: str) -> None:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
             from ..errors import LayerError
-            raise LayerError(errno.ESPIPE, f"{kind}: an image tarball is read with seeks; "
-                             "write it to a file first", c)
+            raise LayerError(errno.ESPIPE, f"{kind}: {why}; write it to a file first", c)
         return
 
 
@@ -270,6 +269,7 @@ def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
 def import_cmd(store, tarball, ref, message, platform, quiet, as_json):
     """Make a one-layer image of a root filesystem tarball (like docker import)."""
     _check_names(ref)
+    _check_seekable(tarball, "a rootfs tarball is read twice")
     s = store()
     with _progress(quiet) as prog:
         r = s.import_rootfs(tarball, ref, message=message, platform=platform, progress=prog)

@@ -474,14 +474,16 @@ def test_unpack_where_dest_cannot_be_made_names_that_directory(open_tmp):
     assert os.listdir(tmp_path / "ro") == []
 
 
-def test_load_from_a_pipe_is_refused_by_name(tmp_path):
-    """An image tarball is read with seeks: `load -i FIFO` (or /dev/stdin from a
-    pipe) is refused naming the input, not with a bare 'Illegal seek' after
-    blocking on the pipe."""
+@pytest.mark.parametrize("verb", ["load", "import"])
+def test_load_or_import_from_a_pipe_is_refused_by_name(tmp_path, verb):
+    """An image tarball is read with seeks, a rootfs tarball twice: `load -i FIFO`
+    or `import FIFO` (or /dev/stdin from a pipe) is refused naming the input, not
+    with a bare 'Illegal seek' or by blocking on the pipe's second opening."""
     fifo = tmp_path / "image.tar"
     os.mkfifo(fifo)
     root = tmp_path / "store"
-    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", "load", "-i",
-                                      str(fifo)], capture_output=True, text=True, timeout=60)
+    args = ["load", "-i", str(fifo)] if verb == "load" else ["import", str(fifo), "x:1"]
+    p = subprocess.run(LAYERFS_CMD + ["--root", str(root), "--driver", "vfs", *args],
+                       capture_output=True, text=True, timeout=60)
     one_error_line(p, fifo, "pipe")
     assert not root.exists()
