@@ -465,11 +465,15 @@ def staged_file(dest: str) -> Iterator[BinaryIO]:
         os.chmod(tmp, 0o644)
         os.rename(tmp, dest)
     except BaseException:
-        f.close()
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
+            f.close()               # may fail again (flushing onto a full disk)
+        except OSError:
             pass
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
     fsync_dir(parent)
 

@@ -479,3 +479,21 @@ def test_a_fifo_in_an_image_directory_is_refused_without_waiting_for_a_writer(tm
                        timeout=60)
     assert p.returncode == 0, p.stderr
     assert "refused:" in p.stdout and "index.json is not a regular file" in p.stdout
+
+
+def test_a_staged_file_that_fills_the_disk_leaves_nothing(tmp_path):
+    """staged_file on a full filesystem: the write fails and neither the
+    destination nor the temporary file beside it remains (the cleanup's own
+    close fails again flushing the buffer; the file is still removed)."""
+    from layerfs.images._io import staged_file
+    mp = tmp_path / "tiny"
+    mp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mp)], check=True)
+    try:
+        with pytest.raises(OSError):
+            with staged_file(str(mp / "out.tar")) as f:
+                f.write(b"x" * (1 << 20))              # fills it
+                f.write(b"y" * 100)                    # buffered: fails at the flush
+        assert os.listdir(mp) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mp)], check=True)
