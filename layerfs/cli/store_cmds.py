@@ -305,11 +305,8 @@ def save_cmd(store, refs, output, fmt, allow_recompress, quiet, as_json):
     s = store()
     try:
         with _progress(quiet) as prog:
-            if fmt != "oci-dir" and not os.path.isdir(output):
-                res = _save_tarball(s, list(refs), output, fmt, allow_recompress, prog)
-            else:
-                res = s.save(list(refs), output, fmt, allow_recompress=allow_recompress,
-                             progress=prog)
+            res = s.save(list(refs), output, fmt, allow_recompress=allow_recompress,
+                         progress=prog)
     except OSError as e:
         if not e.filename:          # a write that failed (a full disk) names no file
             e.filename = output
@@ -323,29 +320,6 @@ def save_cmd(store, refs, output, fmt, allow_recompress, quiet, as_json):
     if as_json:
         emit_json({"version": 1, **res.to_json()})
     return 0
-
-
-def _save_tarball(s, refs, output: str, fmt: str, allow_recompress: bool, prog):
-    """Save into a directory of our own beside output, then rename the tarball onto
-    output: whatever a failure (a full disk, Ctrl-C) leaves goes with that directory."""
-    import shutil
-    import tempfile
-    output = os.path.abspath(output)
-    parent, base = os.path.split(output)
-    work = tempfile.mkdtemp(prefix=f".{base}.save-", dir=parent)
-    try:
-        res = s.save(refs, os.path.join(work, base), fmt, allow_recompress=allow_recompress,
-                     progress=prog)
-        os.rename(os.path.join(work, base), output)
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    res.dest = output
-    return res
 
 
 # --------------------------------------------------------------------------- listing
