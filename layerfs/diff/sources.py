@@ -1468,6 +1468,10 @@ def open_source(spec: SourceArg, view: Optional[str] = None, *, platform=None,
             return _store_source(rest, view, upto, root=store_root)
         if sep and prefix in _TRANSPORTS:
             return _TRANSPORTS[prefix](rest, view, upto)
+        try:
+            os.lstat(text)      # why it cannot be seen: a missing path, or no permission
+        except (FileNotFoundError, NotADirectoryError):
+            pass
         raise NotFound("no such file, directory or image", text)
     if os.path.isdir(text):
         if any(os.path.exists(os.path.join(text, n)) for n in ("oci-layout", "manifest.json")):

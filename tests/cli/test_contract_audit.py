@@ -200,6 +200,17 @@ def test_unreadable_directory_error_says_permission_denied(tmp_path):
     one_error_line(p, "locked", os.strerror(13))
 
 
+def test_a_path_behind_an_unreadable_directory_is_permission_denied_not_missing(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    locked = tmp_path / "locked"
+    (locked / "inner").mkdir(parents=True)
+    os.chmod(locked, 0o700)
+    (tmp_path / "other").mkdir()
+    p = as_nobody("diff", "locked/inner", "other", cwd=tmp_path)
+    one_error_line(p, "locked/inner", os.strerror(13))
+    assert "no such" not in p.stderr.lower()
+
+
 # --------------------------------------------------------------------------- nothing half-done
 
 
