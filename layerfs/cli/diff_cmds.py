@@ -32,9 +32,12 @@ _SOURCE_HELP = ("OLD and NEW: a directory, a layer tarball (tar, tar.gz, tar.zst
               help="Fields not to compare, comma-separated: mtime, owner, uid, gid, mode, "
                    "xattr, xattr:NAME, content, size, linkname, rdev, hardlinks, opaque.")
 @click.option("--include", "include", multiple=True, metavar="GLOB",
-              help="Only paths matching GLOB (or below a match). Repeatable.")
+              help="Only paths matching GLOB (or below a match). With a '/': anchored at "
+                   "the root, '*' '?' '[...]' within a component, '**' any number of "
+                   "them; without: any component name. Repeatable.")
 @click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
-              help="Skip paths matching GLOB and everything below. Repeatable.")
+              help="Skip paths matching GLOB and everything below (same patterns as "
+                   "--include). Repeatable.")
 @click.option("--raw", is_flag=True, help="Raw view of both sides (a layer's own entries, "
               "whiteouts as deletions).")
 @click.option("--raw-old", is_flag=True, help="Raw view of OLD.")
