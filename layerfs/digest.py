@@ -58,15 +58,27 @@ def sha256_file(path: "os.PathLike[str] | str") -> str:
         os.close(fd)
 
 
-def layer_digests(source: Source, compression: str = "auto") -> Digests:
-    """Digest (of the bytes) and DiffID (of the decompressed tar) of a layer blob."""
+def layer_digests(source: Source, compression: str = "auto", *,
+                  check_tar: bool = False) -> Digests:
+    """Digest (of the bytes) and DiffID (of the decompressed tar) of a layer blob.
+
+    check_tar: also read the tar headers (in the same pass), so that a blob
+    that is not a tar archive -- whose "DiffID" would name nothing -- is an
+    error naming the entry and offset where it stops being one."""
     code = _native.COMPRESSION_CODES.get(compression)
     if code is None:
         raise ValueError(f"unknown compression {compression!r}")
     with open_source(source) as (fd, name):
         try:
+            if check_tar:
+                return _native.scan(fd, compression=code, hash=False, name=name,
+                                    factory=_no_entry)[1]
             return _native.digest_stream(fd, code, name)
         except LayerError as e:
             if not e.filename:
                 e.filename = name
             raise
+
+
+def _no_entry(*fields) -> None:
+    return None

@@ -131,7 +131,7 @@ def digest(files, as_json):
     """Print the digest (of the bytes) and DiffID (of the tar) of layer FILES."""
     docs = []
     for f in files:
-        d = layer_digests(f)
+        d = layer_digests(f, check_tar=True)
         docs.append({"file": f, "digest": d.digest, "diff_id": d.diff_id,
                      "compression": d.compression, "size": d.compressed_size,
                      "tar_size": d.tar_size})

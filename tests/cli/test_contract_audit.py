@@ -497,3 +497,26 @@ def test_load_or_import_from_a_pipe_is_refused_by_name(tmp_path, verb):
                        capture_output=True, text=True, timeout=60)
     one_error_line(p, fifo, "pipe")
     assert not root.exists()
+
+
+@pytest.mark.parametrize("content", [b"not a layer\n", b"\x1f\x8b" + bytes(40), b"A" * 4096])
+def test_digest_of_a_file_that_is_no_tar_is_an_error(tmp_path, content):
+    """A DiffID names a tar stream: a blob that is none (nor a compressed one) is refused."""
+    f = tmp_path / "blob"
+    f.write_bytes(content)
+    p = subprocess.run(LAYERFS_CMD + ["digest", str(f)], capture_output=True, text=True)
+    one_error_line(p, str(f))
+    assert p.stdout == ""
+
+
+def test_digest_of_a_gzip_layer_matches_its_tar(tmp_path):
+    import gzip
+    import hashlib
+    tar = TarBuilder().dir("etc").file("etc/a", b"a" * 3000).write(tmp_path / "l.tar")
+    gz = tmp_path / "l.tar.gz"
+    gz.write_bytes(gzip.compress(tar.read_bytes()))
+    p = subprocess.run(LAYERFS_CMD + ["digest", "--json", str(gz)], capture_output=True,
+                       text=True, check=True)
+    doc = json.loads(p.stdout)["files"][0]
+    assert doc["digest"] == "sha256:" + hashlib.sha256(gz.read_bytes()).hexdigest()
+    assert doc["diff_id"] == "sha256:" + hashlib.sha256(tar.read_bytes()).hexdigest()
