@@ -47,7 +47,7 @@ from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tup
 
 from .sources import (COARSE, IMPLICIT, OPAQUE, DirectorySource, EntryMeta, LayerInfo,
                       LayerStackSource, Source, SourceArg, _in_thread, _Task, open_source,
-                      parent_of, sort_key)
+                      sort_key)
 from .trees import OVERLAY_PRIVATE_XATTRS, TreeChange, fds_equal
 
 KINDS = ("added", "deleted", "modified", "renamed")

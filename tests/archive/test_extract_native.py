@@ -838,8 +838,6 @@ def test_remove_tree_deep_with_outside_symlinks(tmp_path):
 def test_remove_tree_unprivileged_read_only_dirs(tmp_path):
     """Without root, read-only directories inside the tree are made writable to empty
     them; the directory holding the tree keeps its mode."""
-    import subprocess
-    import sys
     holder = tmp_path / "holder"
     (holder / "tree/ro/deeper").mkdir(parents=True)
     (holder / "tree/ro/deeper/f").write_bytes(b"")
@@ -851,15 +849,8 @@ def test_remove_tree_unprivileged_read_only_dirs(tmp_path):
 
     def remove_as_nobody():
         dfd = os.open(holder, os.O_RDONLY | os.O_DIRECTORY)
-        code = ("import os, sys; from layerfs import _native; os.setgroups([]); "
-                "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
-                "try:\n"
-                f"    _native.remove_tree({dfd}, 'tree')\n"
-                "except OSError as e:\n"
-                "    sys.exit(e.errno)")
         try:
-            return subprocess.run([sys.executable, "-c", code], pass_fds=[dfd],
-                                  capture_output=True, text=True, cwd="/")
+            return tb.native_as_nobody(f"remove_tree({dfd}, 'tree')", [dfd])
         finally:
             os.close(dfd)
 

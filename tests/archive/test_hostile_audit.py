@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from .model import snapshot
-from .tarbuild import Tar
-from .test_hostile import EVIL, REJECT, SAFE_ERRORS, Sandbox, _link_targets
+from .tarbuild import Tar, native_as_nobody
+from .test_hostile import EVIL, SAFE_ERRORS, Sandbox, _link_targets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,16 +112,9 @@ def _apply_as_nobody(tmp_path: Path, data: bytes, **options):
     layer.write_bytes(data)
     in_fd = os.open(layer, os.O_RDONLY)
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    code = ("import os, sys; from layerfs import _native; os.setgroups([]); "
-            "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
-            "try:\n"
-            f"    _native.apply({in_fd}, {root_fd}, **{options!r})\n"
-            "except OSError as e:\n"
-            "    print(e, file=sys.stderr); sys.exit(e.errno)")
     try:
-        p = subprocess.run([sys.executable, "-c", code], pass_fds=[in_fd, root_fd],
-                           capture_output=True, text=True, cwd="/",
-                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+        p = native_as_nobody(f"apply({in_fd}, {root_fd}, **{options!r})", [in_fd, root_fd],
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     finally:
         os.close(in_fd)
         os.close(root_fd)

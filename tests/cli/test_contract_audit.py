@@ -322,13 +322,19 @@ def test_an_unknown_driver_is_not_remembered(tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["images"] == [], p.stderr
 
 
+def documents(tmp_path: Path) -> Path:
+    """A directory of someone's files (what a mistyped --root may name)."""
+    d = tmp_path / "documents"
+    d.mkdir()
+    (d / "notes.txt").write_bytes(b"mine")
+    return d
+
+
 @pytest.mark.parametrize("verb", [["images"], ["df", "--json"], ["prune"]])
 def test_root_that_holds_other_files_is_not_made_a_store(tmp_path, verb):
     """--root naming a directory of other files (a typo, $HOME): an error, and
     nothing of a store is written among those files."""
-    root = tmp_path / "documents"
-    root.mkdir()
-    (root / "notes.txt").write_bytes(b"mine")
+    root = documents(tmp_path)
     p = subprocess.run(LAYERFS_CMD + ["--root", str(root), *verb], capture_output=True,
                        text=True, timeout=120)
     one_error_line(p, root, "not a layerfs store")
@@ -372,9 +378,7 @@ def test_reading_store_sources_does_not_make_a_store(tmp_path, verb):
                        text=True, timeout=120)
     one_error_line(p, missing, "no layerfs store")
     assert not missing.exists()
-    other = tmp_path / "documents"
-    other.mkdir()
-    (other / "notes.txt").write_bytes(b"mine")
+    other = documents(tmp_path)
     p = subprocess.run(LAYERFS_CMD + ["--root", str(other), *verb], capture_output=True,
                        text=True, timeout=120)
     one_error_line(p, other, "no layerfs store")
