@@ -507,34 +507,10 @@ static ssize_t read_full(int fd, unsigned char *p, size_t n)
     return (ssize_t)got;
 }
 
-static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
-                                unsigned char *bb)
-{
-    int fa = open_regular(a);
-    if (fa < 0) return 0;
-    int fb = open_regular(b);
-    if (fb < 0) {
-        close(fa);
-        return 0;
-    }
-    unsigned char same = 1;
-    for (;;) {
-        ssize_t ra = read_full(fa, ba, EQ_CHUNK);
-        ssize_t rb = read_full(fb, bb, EQ_CHUNK);
-        if (ra < 0 || rb < 0 || ra != rb || memcmp(ba, bb, (size_t)ra) != 0) {
-            same = 0;
-            break;
-        }
-        if (ra < EQ_CHUNK) break;
-    }
-    close(fa);
-    close(fb);
-    return same;
-}
-
-/* Whether two open files, both `size` bytes long by lstat, hold the same bytes:
- * reads exactly that much of each (no read to find the end); closes both. */
-static unsigned char equal_fds(int fa, int fb, off_t size, unsigned char *ba,
+/* Whether two open files hold the same bytes, read up to `size` bytes of each
+ * (UINT64_MAX: to the end; a size known by lstat spares the read that finds the
+ * end); closes both. */
+static unsigned char equal_fds(int fa, int fb, uint64_t size, unsigned char *ba,
                                unsigned char *bb)
 {
     unsigned char same = 1;
@@ -546,12 +522,25 @@ static unsigned char equal_fds(int fa, int fb, off_t size, unsigned char *ba,
             same = 0;
             break;
         }
-        if ((size_t)ra < want) break;       /* both shrank alike since lstat */
-        size -= ra;
+        if ((size_t)ra < want) break;       /* the end (both shrank alike since lstat) */
+        size -= (uint64_t)ra;
     }
     close(fa);
     close(fb);
     return same;
+}
+
+static unsigned char equal_pair(const char *a, const char *b, unsigned char *ba,
+                                unsigned char *bb)
+{
+    int fa = open_regular(a);
+    if (fa < 0) return 0;
+    int fb = open_regular(b);
+    if (fb < 0) {
+        close(fa);
+        return 0;
+    }
+    return equal_fds(fa, fb, UINT64_MAX, ba, bb);
 }
 
 static void *eq_worker(void *arg)
@@ -774,7 +763,7 @@ static unsigned char cmp_job_equal(comparer *c, const cmp_job *j, dir_cache *ca,
         close(fa);
         return 0;
     }
-    return equal_fds(fa, fb, j->size, ba, bb);
+    return equal_fds(fa, fb, (uint64_t)j->size, ba, bb);      /* >= 0: see cmp_worker */
 }
 
 static void *cmp_worker(void *arg)
