@@ -622,14 +622,25 @@ typedef struct comparer {
 } comparer;
 
 /* "base/rel" into buf (PATH_MAX); 0, or -1 when too long. */
-static int join_path(char *buf, const char *base, size_t base_len, const char *rel)
+/* buf (PATH_MAX) = base + "/" + rel[0..rl) (just base when rl is 0): 0, or -1
+ * when it would not fit. */
+static int join_path_n(char *buf, const char *base, size_t base_len, const char *rel, size_t rl)
 {
-    size_t rl = strlen(rel);
     if (base_len + 1 + rl >= PATH_MAX) return -1;
     memcpy(buf, base, base_len);
-    buf[base_len] = '/';
-    memcpy(buf + base_len + 1, rel, rl + 1);
+    size_t n = base_len;
+    if (rl) {
+        buf[n++] = '/';
+        memcpy(buf + n, rel, rl);
+        n += rl;
+    }
+    buf[n] = 0;
     return 0;
+}
+
+static int join_path(char *buf, const char *base, size_t base_len, const char *rel)
+{
+    return join_path_n(buf, base, base_len, rel, strlen(rel));
 }
 
 static const char *cmp_ref_root(comparer *c, size_t *len)
@@ -729,16 +740,8 @@ static int cached_dir(dir_cache *dc, const char *base, size_t base_len, const ch
     if (dc->fd >= 0) close(dc->fd);
     dc->fd = -1;
     char path[PATH_MAX];
-    if (base_len + 1 + dlen >= sizeof path) return -1;
-    memcpy(path, base, base_len);
-    size_t n = base_len;
-    if (dlen) {
-        path[n++] = '/';
-        memcpy(path + n, rel, dlen);
-        n += dlen;
-    }
-    path[n] = 0;
-    int fd = open(n ? path : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (join_path_n(path, base, base_len, rel, dlen) < 0) return -1;
+    int fd = open(*path ? path : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) return -1;
     memcpy(dc->rel, rel, dlen);
     dc->len = dlen;
