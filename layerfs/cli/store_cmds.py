@@ -183,24 +183,15 @@ def _check_names(*names: Optional[str]) -> None:
             parse(n)
 
 
-def _check_seekable(source: str, why: str = "an image tarball is read with seeks") -> None:
-    """An image tarball is read with seeks: refuse a pipe or a device up front
-    (reading one blocked with no writer, or failed with a bare 'Illegal seek')."""
-    import stat
-    candidates = [source]
-    prefix, sep, rest = source.partition(":")
-    if sep and prefix in ("oci", "oci-archive", "docker-archive"):
-        candidates += [rest, rest.rpartition(":")[0]]
-    for c in candidates:
-        try:
-            st = os.stat(c)
-        except (OSError, ValueError):
-            continue
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
-            from ..errors import LayerError
-            raise LayerError(errno.ESPIPE, f"{kind}: {why}; write it to a file first", c)
-        return
+def _check_seekable(source: str, why: str) -> None:
+    """The library's refusal of a pipe as input, before the store is made."""
+    from ..images._io import refuse_unseekable
+    from ..images.sources import parse_source
+    try:
+        path = parse_source(source)[1]
+    except ValueError:
+        return                      # the command reports it
+    refuse_unseekable(path, why)
 
 
 def _split_name(name: str):
@@ -238,7 +229,7 @@ def _table(rows: List[List[str]], headers: List[str]) -> None:
 def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
     """Load the images of an OCI layout or docker-archive into the store."""
     _check_names(base_name, *tags)
-    _check_seekable(source)
+    _check_seekable(source, "an image tarball is read with seeks")
     s = store()
     with _progress(quiet) as prog:
         res = s.load(source, platform=platform, base_name=base_name,

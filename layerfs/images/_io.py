@@ -211,6 +211,19 @@ class _Member:
         self.name, self.kind, self.offset, self.size, self.link = name, kind, offset, size, link
 
 
+def refuse_unseekable(path: str, why: str) -> None:
+    """Refuse, naming it, an input that is neither a regular file nor a
+    directory (a pipe, a device) where it must be read with seeks or twice:
+    reading one blocks with no writer, or fails with a bare 'Illegal seek'."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return                      # missing: the caller's own error names it
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise LayerError(errno.ESPIPE, f"{kind}: {why}; write it to a file first", path)
+
+
 class TarFiles:
     """The members of an image tarball, read in place.
 
@@ -231,6 +244,7 @@ class TarFiles:
             raise
 
     def _open(self) -> None:
+        refuse_unseekable(self.path, "an image tarball is read with seeks")
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             head = os.pread(fd, 8, 0)

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple, Union
 from ..digest import layer_digests, sha256_file
 from ..errors import DigestMismatch
 from ..images import SourceImage, open_image_source
+from ..images._io import refuse_unseekable
 from ..images.manifest import (OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
                                OCI_MANIFEST, Descriptor, FormatError, Platform, canonical_json,
                                current_platform, layer_compression, parse_platform,
@@ -378,6 +379,7 @@ def import_rootfs(store, tarball, name: Optional[str] = None, *,
     tarball = os.fspath(tarball)
     if name:
         _checked_names([name])
+    refuse_unseekable(tarball, "a rootfs tarball is read twice")
     plat = current_platform() if platform is None else \
         parse_platform(platform) if isinstance(platform, str) else platform
     with store.reading():

@@ -497,3 +497,27 @@ def test_a_staged_file_that_fills_the_disk_leaves_nothing(tmp_path):
         assert os.listdir(mp) == []
     finally:
         subprocess.run(["umount", "-l", str(mp)], check=True)
+
+
+def test_a_pipe_given_as_an_image_tarball_or_rootfs_is_refused_by_the_library(tmp_path):
+    """open_image_source and Store.import_rootfs refuse a FIFO by name at once
+    (an image tarball is read with seeks, a rootfs tarball twice)."""
+    code = textwrap.dedent("""
+        import errno, os, sys
+        from layerfs.errors import LayerError
+        from layerfs.images import open_image_source
+        from layerfs.store import Store
+        fifo = os.path.join(sys.argv[1], "in.tar")
+        os.mkfifo(fifo)
+        for call in (lambda: open_image_source(fifo),
+                     lambda: Store(os.path.join(sys.argv[1], "store"), driver="vfs")
+                             .import_rootfs(fifo, "x:1")):
+            try:
+                call()
+            except LayerError as e:
+                print(e.errno == errno.ESPIPE, e.filename == fifo, "pipe" in str(e))
+    """)
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:2] == ["True True True", "True True True"], p.stdout
