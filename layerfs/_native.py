@@ -379,6 +379,12 @@ def _call_with_record_pipe(call: Callable[[int], int], parse: Callable[[bytearra
     return rc, failure
 
 
+def discard(*fields) -> None:
+    """A scan or walk factory that keeps nothing (the call is made for its
+    checks and digests)."""
+    return None
+
+
 def scan(in_fd: int, *, compression: int = COMP_AUTO, hash: bool = True,
          name: Optional[str] = None, factory: Optional[Callable[..., Any]] = None,
          offsets: bool = False, stream_hash: bool = True) -> Tuple[List[Any], Digests]:

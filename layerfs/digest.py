@@ -72,13 +72,9 @@ def layer_digests(source: Source, compression: str = "auto", *,
         try:
             if check_tar:
                 return _native.scan(fd, compression=code, hash=False, name=name,
-                                    factory=_no_entry)[1]
+                                    factory=_native.discard)[1]
             return _native.digest_stream(fd, code, name)
         except LayerError as e:
             if not e.filename:
                 e.filename = name
             raise
-
-
-def _no_entry(*fields) -> None:
-    return None

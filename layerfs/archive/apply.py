@@ -111,6 +111,30 @@ class _Staging:
             os.close(fd)
 
 
+def _read_through(sources: Sequence[Source], compression: int) -> None:
+    """Read every layer given as a path to a regular file through (headers,
+    sizes, compression) before a dest that already holds files is touched:
+    such a dest is written in place, not staged, so a layer found broken
+    half-way would leave the layers before it applied.  A stream or a FIFO
+    cannot be read twice and is not checked (nor opened); failures of the
+    writing itself (a full disk) are not foreseen."""
+    for src in sources:
+        if not isinstance(src, (str, bytes, os.PathLike)):
+            continue
+        try:
+            if not stat.S_ISREG(os.stat(src).st_mode):
+                continue
+        except OSError:
+            continue                    # the apply names what is wrong with it
+        name = source_name(src)
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _native.scan(fd, compression=compression, hash=False, stream_hash=False, name=name,
+                         factory=_native.discard)
+        finally:
+            os.close(fd)
+
+
 def _verify_first(source: Source, compression: int, expected_digest, expected_diff_id):
     """For in-place application: check the expected digests before touching dest.
     Returns a source to apply from (a spooled copy for a stream, or for a path
@@ -173,6 +197,8 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
     comp = _compression_code(compression)
     dest = os.fsdecode(dest)
     staged = not os.path.lexists(dest) or _is_empty_dir(dest)
+    if not staged:
+        _read_through(sources, comp)
     stage = _Staging(dest) if staged else None
     root = stage.path if stage else dest
     results: List[ApplyResult] = []

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 
 import click
@@ -36,8 +35,6 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
     """
     show = progress_enabled(quiet)
     start = time.monotonic()
-    if _populated_dir(dest):
-        _check_layers(layers)
 
     def on_layer(i, name, r):
         progress(f"layer {i + 1}/{len(layers)} {name}: {r.entries} entries, "
@@ -103,25 +100,6 @@ def _check_can_make(dest: str, where: str) -> None:
     if os.path.isdir(anc) and not os.access(anc, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (cannot make "
                               f"{dest} in this directory)", anc)
-
-
-def _check_layers(layers) -> None:
-    """Read every layer through (headers, sizes, compression) before a DEST that
-    already holds files is touched: such a DEST is written in place, not staged,
-    so a layer found broken half-way would leave the layers before it applied.
-
-    A layer that is not a regular file (a FIFO) cannot be read twice and is not
-    checked.  Failures of the writing itself (a full disk) are not foreseen.
-    """
-    from .. import _native
-    for name in layers:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                _native.scan(fd, hash=False, stream_hash=False, name=name,
-                             factory=lambda *fields: None)
-        finally:
-            os.close(fd)
 
 
 @cli.command()

@@ -248,6 +248,23 @@ def test_expected_digest_mismatch_existing_tree_unchanged(tmp_path):
     assert_same_tree(before, snapshot(dest))
 
 
+def test_unpack_layers_onto_a_populated_dest_reads_them_through_first(tmp_path):
+    """A dest that already holds files is written in place: a layer cut short
+    after a good one is found before either is applied (paths to regular files)."""
+    from layerfs.archive import unpack_layers
+    dest = tmp_path / "dest"
+    apply_layer(io.BytesIO(sample_layer()[0]), dest)
+    before = snapshot(dest)
+    good = tmp_path / "0.tar"
+    good.write_bytes(Tar().dir("etc2").file("etc2/a", b"a" * 3000).bytes())
+    cut = tmp_path / "1.tar"
+    cut.write_bytes(Tar().dir("usr2").file("usr2/b", b"b" * 5000).bytes()[:1600])
+    with pytest.raises(LayerError) as ei:
+        unpack_layers([good, cut], dest)
+    assert ei.value.filename == str(cut)
+    assert_same_tree(before, snapshot(dest))
+
+
 def test_expected_digest_accepts_bare_hex(tmp_path):
     tar, _ = sample_layer()
     r = apply_layer(io.BytesIO(tar), tmp_path / "d", expected_diff_id=hashlib.sha256(tar).hexdigest())
