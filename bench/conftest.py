@@ -138,6 +138,29 @@ def run_command(argv: Sequence[Any], *, stdout=subprocess.DEVNULL, env=None,
     return p
 
 
+def children_cpu() -> float:
+    """User+sys CPU seconds of the finished child processes so far."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def median_wall(argv_for: Callable[[int], Sequence[Any]], runs: int = 7) -> float:
+    """Median wall time (s) of running argv_for(i), i = 0 .. runs-1."""
+    ts = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        run_command(argv_for(i))
+        ts.append(time.perf_counter() - t0)
+    return round(statistics.median(ts), 4)
+
+
+def cpu_bound(cpu_s: float, startup_s: float) -> float:
+    """The shortest wall time a run with cpu_s of CPU can take on this machine:
+    its start-up on one core, the rest spread over every core."""
+    return round(startup_s + max(cpu_s - startup_s, 0.0) / len(os.sched_getaffinity(0)), 4)
+
+
 @pytest.fixture(scope="session")
 def run_cmd():
     return run_command

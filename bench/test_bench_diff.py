@@ -29,7 +29,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from typing import Dict, List
 import pytest
 
 from bench import corpora as C
-from bench.conftest import Contender
+from bench.conftest import Contender, children_cpu, cpu_bound, median_wall
 
 GOAL = 1.0                     # at most as long as diff -r
 
@@ -159,18 +158,13 @@ def pair(corpora):
 CPU: Dict[str, List[float]] = {}
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def _diff_r(a: Path, b: Path) -> Contender:
     argv = ["diff", "-r", "--no-dereference", str(a), str(b)]
 
     def run(_target):
-        c0 = _children_cpu()
+        c0 = children_cpu()
         p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        CPU.setdefault("diff -r", []).append(_children_cpu() - c0)
+        CPU.setdefault("diff -r", []).append(children_cpu() - c0)
         assert p.returncode in (0, 1), p.stderr.decode(errors="replace")[-2000:]
         return p.returncode
     return Contender("diff -r", run, "diff -r --no-dereference A B", goal=GOAL)
@@ -181,14 +175,14 @@ def _extract_and_diff(ta: Path, tb: Path, gz: bool) -> Contender:
     x = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"] + (["-z"] if gz else [])
 
     def run(target: Path):
-        c0 = _children_cpu()
+        c0 = children_cpu()
         for tb_, name in ((ta, "a"), (tb, "b")):
             d = target / name
             d.mkdir()
             subprocess.run(x + ["-xf", str(tb_), "-C", str(d)], check=True)
         p = subprocess.run(["diff", "-r", "--no-dereference", str(target / "a"),
                             str(target / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        CPU.setdefault("tar -x + diff -r", []).append(_children_cpu() - c0)
+        CPU.setdefault("tar -x + diff -r", []).append(children_cpu() - c0)
         assert p.returncode in (0, 1), p.stderr.decode(errors="replace")[-2000:]
         return p.returncode
     return Contender("tar -x both + diff -r", run,
@@ -212,9 +206,9 @@ def _cli(cli, a, b) -> Contender:
     argv = cli + ["diff", "--json", str(a), str(b)]
 
     def run(_target):
-        c0 = _children_cpu()
+        c0 = children_cpu()
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        CPU.setdefault("layerfs", []).append(_children_cpu() - c0)
+        CPU.setdefault("layerfs", []).append(children_cpu() - c0)
         assert p.returncode == 1, p.stderr.decode(errors="replace")[-2000:]
         doc = json.loads(p.stdout)
         return doc["changes"], doc["summary"]
@@ -282,17 +276,11 @@ def cli_startup(cli) -> float:
     interpreter, imports and argument handling, on one core."""
     if "diff" not in _STARTUP:
         import tempfile
-        ts = []
         with tempfile.TemporaryDirectory(prefix="layerfs-bench-startup-") as tmp:
             for d in ("a", "b"):
                 os.mkdir(os.path.join(tmp, d))
             argv = cli + ["diff", "--json", os.path.join(tmp, "a"), os.path.join(tmp, "b")]
-            for _ in range(7):
-                t0 = time.perf_counter()
-                subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               check=True)
-                ts.append(time.perf_counter() - t0)
-        _STARTUP["diff"] = round(statistics.median(ts), 4)
+            _STARTUP["diff"] = median_wall(lambda i: argv)
     return _STARTUP["diff"]
 
 
@@ -308,9 +296,7 @@ def _run(side_by_side, me, peer_a, peer_b, plan, rss_pair, extra_peers=(), **inf
         x["cpu_ratio"] = round(x["cpu_s"] / x["peer_cpu_s"], 3)
     if x.get("cpu_s"):
         # no run with that much CPU can be shorter here (start-up on one core)
-        start = x.get("cli_startup_s") or 0.0
-        x["cpu_bound_s"] = round(start + max(x["cpu_s"] - start, 0.0)
-                                 / len(os.sched_getaffinity(0)), 4)
+        x["cpu_bound_s"] = cpu_bound(x["cpu_s"], x.get("cli_startup_s") or 0.0)
     if result is not None and not isinstance(result, int):
         info_n = _check(result, plan)
         side_by_side.benchmark.extra_info["changes"] = info_n

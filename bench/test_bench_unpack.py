@@ -21,19 +21,18 @@ digest.
 from __future__ import annotations
 
 import os
-import resource
 import stat
 import statistics
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
 
 from bench import corpora as C
-from bench.conftest import Contender, CommandFailed, run_command
+from bench.conftest import (Contender, CommandFailed, children_cpu, cpu_bound, median_wall,
+                            run_command)
 
 TAR_X = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
 SIZE_FIELDS = ("files", "dirs", "symlinks", "other", "hardlinks", "bytes")
@@ -70,34 +69,24 @@ def cli_startup(cli) -> float:
     pays before the C core starts, all on one core."""
     if "cli_startup" not in _probe:
         import tempfile
-        ts = []
         with tempfile.TemporaryDirectory(prefix="layerfs-bench-startup-") as tmp:
             empty = Path(tmp) / "empty.tar"
             empty.write_bytes(bytes(1024))
-            for i in range(7):
-                t0 = time.perf_counter()
-                run_command(cli + ["unpack", "--json", empty, Path(tmp) / f"d{i}"],
-                            stdout=subprocess.DEVNULL)
-                ts.append(time.perf_counter() - t0)
-        _probe["cli_startup"] = round(statistics.median(ts), 4)
+            _probe["cli_startup"] = median_wall(
+                lambda i: cli + ["unpack", "--json", empty, Path(tmp) / f"d{i}"])
     return float(_probe["cli_startup"])
 
 
 _CLI_CPU: list = []                    # user+sys seconds of each `layerfs unpack` run of a test
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def _layerfs_cli(cli, layer: C.Layer) -> Contender:
     _CLI_CPU.clear()
 
     def run(dest: Path):
-        c0 = _children_cpu()
+        c0 = children_cpu()
         p = run_command(cli + ["unpack", "--json", layer.path, dest], stdout=subprocess.PIPE)
-        _CLI_CPU.append(_children_cpu() - c0)
+        _CLI_CPU.append(children_cpu() - c0)
         return p
     return Contender("layerfs unpack", run, f"layerfs unpack --json {layer.path.name} DEST")
 
@@ -113,11 +102,8 @@ def _cli_cpu_info(sbs, peers_only: bool) -> None:
     if peers_only or not _CLI_CPU:
         return
     x = sbs.benchmark.extra_info
-    cpu = statistics.median(_CLI_CPU)
-    start = x.get("cli_startup_s") or 0.0
-    cores = len(os.sched_getaffinity(0))
-    x["cpu_s"] = round(cpu, 4)
-    x["cpu_bound_s"] = round(start + max(cpu - start, 0.0) / cores, 4)
+    x["cpu_s"] = round(statistics.median(_CLI_CPU), 4)
+    x["cpu_bound_s"] = cpu_bound(x["cpu_s"], x.get("cli_startup_s") or 0.0)
 
 
 def _tar(layer: C.Layer, decompress: list, label: str, goal: float) -> Contender:
