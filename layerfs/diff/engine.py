@@ -656,22 +656,12 @@ class Diff:
 
     # bytes, each hardlink group once ------------------------------------
     def _count_removed(self, m: Optional[EntryMeta]) -> None:
-        if m is None or m.type != "file":
-            return
-        if m.link is not None:
-            if m.link in self._seen_del:
-                return
-            self._seen_del.add(m.link)
-        self.summary.bytes_removed += m.size
+        if m is not None and m.type == "file" and _first_of_group(m, self._seen_del):
+            self.summary.bytes_removed += m.size
 
     def _count_added(self, m: Optional[EntryMeta]) -> None:
-        if m is None or m.type != "file":
-            return
-        if m.link is not None:
-            if m.link in self._seen_add:
-                return
-            self._seen_add.add(m.link)
-        self.summary.bytes_added += m.size
+        if m is not None and m.type == "file" and _first_of_group(m, self._seen_add):
+            self.summary.bytes_added += m.size
 
     def _record(self, a: _Side, b: _Side, path: str, kind: str, old, new,
                 fields=None) -> Change:
