@@ -7,22 +7,18 @@ from typing import Iterable, Optional
 
 import click
 
-#: what a store directory holds (layerfs.store.store), and what a filesystem
-#: made for one holds before that
-STORE_NAMES = {"store.json", "lock", "meta.lock", "driver", "layers", "blobs", "images",
-               "repositories.json", "mounts", "locks", "tmp", "lost+found"}
-
-
 def check_new_root(root: str) -> None:
     """A --root that is not a store yet must be missing or empty: a directory of
-    other files (a typo, $HOME) is not turned into one."""
+    other files (a typo, $HOME) is not turned into one.  It may hold what a
+    store puts there, and what a filesystem made for one holds before that."""
+    from ..store.store import STORE_ENTRIES
     try:
         names = set(os.listdir(root))
     except (FileNotFoundError, NotADirectoryError):
         return
     if "store.json" in names:
         return
-    other = sorted(names - STORE_NAMES)
+    other = sorted(names - STORE_ENTRIES - {"lost+found"})
     if other:
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         raise click.BadParameter(f"{root}: not a layerfs store, and not empty (it holds "

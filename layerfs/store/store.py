@@ -47,6 +47,9 @@ from .records import ImageRecord, LayerRecord, hex_of
 
 STORE_VERSION = 1
 _SUBDIRS = ("blobs/sha256", "layers", "images", "mounts", "locks", "tmp")
+#: every name a store puts in its root directory
+STORE_ENTRIES = frozenset({d.split("/")[0] for d in _SUBDIRS} |
+                          {"store.json", "lock", "meta.lock", "driver", "repositories.json"})
 
 
 def default_root() -> str:
