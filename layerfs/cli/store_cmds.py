@@ -174,15 +174,6 @@ def _ago(created: Optional[str]) -> str:
     return "just now" if secs >= 0 else created
 
 
-def _check_names(*names: Optional[str]) -> None:
-    """Refuse a name that is not a valid reference before anything is stored
-    (the store would take the image first and then fail to name it)."""
-    from ..images.reference import parse
-    for n in names:
-        if n is not None:
-            parse(n)
-
-
 def _check_seekable(source: str, why: str) -> None:
     """The library's refusal of a pipe as input, before the store is made."""
     from ..images._io import refuse_unseekable
@@ -228,7 +219,6 @@ def _table(rows: List[List[str]], headers: List[str]) -> None:
 @store_options
 def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
     """Load the images of an OCI layout or docker-archive into the store."""
-    _check_names(base_name, *tags)
     _check_seekable(source, "an image tarball is read with seeks")
     s = store()
     with _progress(quiet) as prog:
@@ -259,7 +249,6 @@ def load_cmd(store, source, platform, base_name, tags, quiet, as_json):
 @store_options
 def import_cmd(store, tarball, ref, message, platform, quiet, as_json):
     """Make a one-layer image of a root filesystem tarball (like docker import)."""
-    _check_names(ref)
     _check_seekable(tarball, "a rootfs tarball is read twice")
     s = store()
     with _progress(quiet) as prog:

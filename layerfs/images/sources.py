@@ -37,6 +37,7 @@ from ._model import Blobs, SourceImage
 from .docker_archive import read_docker_archive
 from .manifest import FormatError, Platform, current_platform, parse_platform
 from .oci import NoMatchingPlatform, read_oci_layout
+from .reference import parse as parse_reference
 
 __all__ = ["ImageSource", "SourceImage", "open_image_source", "parse_source",
            "NoMatchingPlatform", "OCI_LAYOUT", "DOCKER_ARCHIVE"]
@@ -154,6 +155,8 @@ def open_image_source(path: Union[str, "os.PathLike[str]"], *,
     chooses the manifest of a multi-platform index.  ``base_name`` ("repo" or
     "registry/repo") turns the bare tags that OCI layouts often carry into names.
     """
+    if base_name is not None:
+        parse_reference(base_name)      # a bad one refused before anything is read
     transport, p, select = parse_source(os.fspath(path))
     want = current_platform() if platform is None else parse_platform(platform) \
         if isinstance(platform, str) else platform

@@ -131,6 +131,12 @@ def test_base_name_turns_bare_tags_into_names(simple_layout):
     assert a.names == ["registry.example:5000/team/app:1.0", "example.com/app:latest"]
 
 
+def test_a_bad_base_name_is_refused_before_the_source_is_read(simple_layout):
+    from layerfs.images import ReferenceError
+    with pytest.raises(ReferenceError):
+        open_image_source(simple_layout["layout"], base_name="Not/Valid")
+
+
 def test_transport_selects_one_image(simple_layout):
     layout = simple_layout["layout"]
     with open_image_source(f"oci:{layout}:latest") as src:
