@@ -78,6 +78,11 @@ def test_json_document(layerfs_cli, trees):
     assert by_path["/lib"]["code"] == "T" and by_path["/lib"]["old_type"] == "dir"
     assert doc["summary"]["changes"] == len(doc["changes"]) == 6
     assert doc["summary"]["bytes_added"] == 34 + 50
+    # one change per line, in the order of the document
+    lines = r.stdout.splitlines()
+    first = lines.index('  "changes": [')
+    assert [json.loads(line.rstrip(",")) for line in lines[first + 1:first + 7]] == doc["changes"]
+    assert lines[first + 7] == "  ],"
 
 
 def test_json_of_two_plain_layer_files(layerfs_cli, trees):
