@@ -177,6 +177,12 @@ typedef struct dtime {
     dir_ident id;                 /* the directory the times belong to: by the end */
 } dtime;                          /* its path may lead elsewhere */
 
+typedef struct opened_dir {
+    int fd;
+    mode_t mode;                  /* its mode before it was opened up */
+    dir_ident id;
+} opened_dir;
+
 typedef struct ctx {
     int root_fd;
     const lfs_apply_opts *o;
@@ -189,6 +195,8 @@ typedef struct ctx {
     uid_t euid;
     gid_t egid;
     int defer_dir_mode;             /* not root: directory modes at the end, u+rwx meanwhile */
+    opened_dir *od;                 /* not root: lower directories opened up (see open_up) */
+    size_t nod, capod;
     uint32_t new_uid, new_gid;      /* owner of directories made on the way, whiteout devices */
 
     /* chain cache */
@@ -467,6 +475,95 @@ static int read_umask(mode_t *out)
     return 0;
 }
 
+/* Without root, a directory that a lower layer left closed to its owner (0555,
+ * as Fedora's /usr/bin is, 0500, 0000) refuses what this layer puts in it or
+ * removes from it.  Where we own it, it gets u+rwx until the end of the layer
+ * (restore_opened puts its mode back), as a rootless unpack must. */
+
+/* Would u+rwx let us into a directory of this stat? */
+static int can_open_up(ctx *c, const struct stat *st)
+{
+    return S_ISDIR(st->st_mode) && st->st_uid == c->fsuid && (st->st_mode & S_IRWXU) != S_IRWXU;
+}
+
+/* Note directory fd, whose mode was mode, as opened up; 0, or -1 when it cannot
+ * be noted (the caller puts the mode back). */
+static int note_opened(ctx *c, int fd, mode_t mode)
+{
+    if (c->nod == c->capod) {
+        size_t nc = c->capod ? c->capod * 2 : 16;
+        opened_dir *n = realloc(c->od, nc * sizeof *n);
+        if (!n) return -1;
+        c->od = n;
+        c->capod = nc;
+    }
+    opened_dir *o = &c->od[c->nod];
+    if (get_ident(fd, &o->id) < 0) return -1;
+    o->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (o->fd < 0) return -1;
+    o->mode = mode;
+    c->nod++;
+    return 0;
+}
+
+/* When err is EACCES, open up directory dfd; 1 when it did (try again), else 0. */
+static int open_up(ctx *c, int dfd, int err)
+{
+    struct stat st;
+    if (err != EACCES || !c->defer_dir_mode || fstat(dfd, &st) < 0 || !can_open_up(c, &st))
+        return 0;
+    mode_t mode = st.st_mode & 07777;
+    if (fchmod(dfd, mode | S_IRWXU) < 0) return 0;
+    if (note_opened(c, dfd, mode) < 0) {
+        fchmod(dfd, mode);
+        return 0;
+    }
+    return 1;
+}
+
+/* open_up for directory name in pfd, which cannot even be opened: found
+ * without reading it (O_PATH) and changed through /proc/self/fd. */
+static int open_up_at(ctx *c, int pfd, const char *name)
+{
+    int pf = openat(pfd, name, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
+    if (pf < 0) return 0;
+    struct stat st;
+    char proc[32];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pf);
+    int ok = 0;
+    if (fstat(pf, &st) == 0 && can_open_up(c, &st) &&
+        chmod(proc, (st.st_mode & 07777) | S_IRWXU) == 0) {
+        int fd = open(proc, DIR_FLAGS);
+        ok = fd >= 0 && note_opened(c, fd, st.st_mode & 07777) == 0;
+        if (fd >= 0) close(fd);
+        if (!ok) chmod(proc, st.st_mode & 07777);
+    }
+    close(pf);
+    return ok;
+}
+
+/* Open directory name in pfd without following it; without root, open up pfd
+ * or the directory itself where they are closed to us (see open_up). */
+static int open_dir_up(ctx *c, int pfd, const char *name)
+{
+    int fd = openat(pfd, name, DIR_FLAGS | O_NOFOLLOW);
+    if (fd >= 0 || errno != EACCES || !c->defer_dir_mode) return fd;
+    if (open_up(c, pfd, EACCES)) {
+        fd = openat(pfd, name, DIR_FLAGS | O_NOFOLLOW);
+        if (fd >= 0 || errno != EACCES) return fd;
+    }
+    if (!open_up_at(c, pfd, name)) {
+        errno = EACCES;
+        return -1;
+    }
+    return openat(pfd, name, DIR_FLAGS | O_NOFOLLOW);
+}
+
+/* Run expr (an int, < 0 with errno set on failure) again if it failed for want
+ * of permission in directory dfd and open_up let us in. */
+#define OPENING_UP(c, dfd, expr) \
+    ({ int r_ = (expr); if (r_ < 0 && open_up((c), (dfd), errno)) r_ = (expr); r_; })
+
 /* Fix up a directory made on the way: mode 0755, owner new_uid:new_gid. */
 static int fix_new_dir(ctx *c, int fd)
 {
@@ -512,9 +609,9 @@ static int dir_fd_walk(ctx *c, const char *p, size_t n, int create)
         }
         memcpy(comp, p + s, len);
         comp[len] = 0;
-        int fd = openat(cur, comp, DIR_FLAGS | O_NOFOLLOW);
+        int fd = open_dir_up(c, cur, comp);
         if (fd < 0 && errno == ENOENT && create) {
-            if (mkdirat(cur, comp, 0700) == 0) {
+            if (OPENING_UP(c, cur, mkdirat(cur, comp, 0700)) == 0) {
                 fd = openat(cur, comp, DIR_FLAGS | O_NOFOLLOW);
                 if (fd >= 0) {
                     int r = fix_new_dir(c, fd);
@@ -716,11 +813,19 @@ static int meta_at(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
 
 /* ---- replacing ---- */
 
+/* lfs_remove_at in directory dfd, opening dfd up if it is closed to us. */
+static int remove_at(ctx *c, int dfd, const char *name)
+{
+    int r = lfs_remove_at(dfd, name, c->err);
+    if (r == -EACCES && open_up(c, dfd, EACCES)) r = lfs_remove_at(dfd, name, c->err);
+    return r;
+}
+
 /* Remove whatever is at pfd/base (a directory recursively), for a new entry. */
 static int replace(ctx *c, int pfd, const char *base, const char *path)
 {
     struct stat st;
-    if (fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+    if (OPENING_UP(c, pfd, fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW)) < 0) {
         if (errno == ENOENT) return 0;
         return efail(c, errno, path, "cannot stat the existing entry");
     }
@@ -730,11 +835,11 @@ static int replace(ctx *c, int pfd, const char *base, const char *path)
     }
     if (S_ISDIR(st.st_mode)) {
         chain_changed(c);
-        int r = lfs_remove_at(pfd, base, c->err);
+        int r = remove_at(c, pfd, base);
         return r < 0 ? ectx(c, r) : 0;
     }
     if (S_ISLNK(st.st_mode)) chain_changed(c);
-    if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
+    if (OPENING_UP(c, pfd, unlinkat(pfd, base, 0)) < 0 && errno != ENOENT)
         return efail(c, errno, path, "cannot remove the existing entry");
     return 0;
 }
@@ -792,7 +897,7 @@ static int do_file(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
     }
     int fd;
     for (int tries = 0;; tries++) {
-        fd = openat(pfd, base, FILE_FLAGS, mode_ok ? want : 0600);
+        fd = OPENING_UP(c, pfd, openat(pfd, base, FILE_FLAGS, mode_ok ? want : 0600));
         if (fd >= 0) break;
         if (errno != EEXIST || tries > 0) return efail(c, errno, path, "cannot create file");
         int r = replace(c, pfd, base, path);
@@ -826,7 +931,7 @@ static int do_symlink(ctx *c, const lfs_entry *e, int pfd, const char *base, con
                       uint32_t uid, uint32_t gid)
 {
     for (int tries = 0;; tries++) {
-        if (symlinkat(e->linkpath, pfd, base) == 0) break;
+        if (OPENING_UP(c, pfd, symlinkat(e->linkpath, pfd, base)) == 0) break;
         if (errno != EEXIST || tries > 0)
             return efail(c, errno, path, "cannot create symlink to '%s'", e->linkpath);
         int r = replace(c, pfd, base, path);
@@ -842,7 +947,7 @@ static int do_node(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
     mode_t fmt = e->type == LFS_T_CHR ? S_IFCHR : e->type == LFS_T_BLK ? S_IFBLK : S_IFIFO;
     dev_t dev = fmt == S_IFIFO ? 0 : makedev(e->devmajor, e->devminor);
     for (int tries = 0;; tries++) {
-        if (mknodat(pfd, base, fmt | 0600, dev) == 0) break;
+        if (OPENING_UP(c, pfd, mknodat(pfd, base, fmt | 0600, dev)) == 0) break;
         if (errno != EEXIST || tries > 0)
             return efail(c, errno, path, fmt == S_IFIFO ? "cannot create fifo" : "cannot create device node");
         int r = replace(c, pfd, base, path);
@@ -882,7 +987,7 @@ static int do_hardlink(ctx *c, const lfs_entry *e, int pfd, const char *base, co
     }
     int rc = 0;
     for (int tries = 0;; tries++) {
-        if (linkat(tfd, tbase, pfd, base, 0) == 0) break;
+        if (OPENING_UP(c, pfd, OPENING_UP(c, tfd, linkat(tfd, tbase, pfd, base, 0))) == 0) break;
         int er = errno;
         if (er == EEXIST && tries == 0) {
             rc = replace(c, pfd, base, path);
@@ -1005,9 +1110,9 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
                   size_t len, uint32_t uid, uint32_t gid)
 {
     int fd = -1, replaced = 0, existed = 0;
-    if (mkdirat(pfd, base, 0700) < 0) {
+    if (OPENING_UP(c, pfd, mkdirat(pfd, base, 0700)) < 0) {
         if (errno != EEXIST) return efail(c, errno, path, "cannot create directory");
-        fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
+        fd = open_dir_up(c, pfd, base);
         existed = fd >= 0;
         if (fd < 0) {
             if (errno != ENOTDIR && errno != ELOOP)
@@ -1017,7 +1122,7 @@ static int do_dir(ctx *c, const lfs_entry *e, int pfd, const char *base, const c
             chain_changed(c);
             int rr = c->rec ? lfs_rec_removing(c->rec, pfd, base, NULL, c->err) : 0;
             if (rr < 0) return ectx(c, rr);
-            if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
+            if (OPENING_UP(c, pfd, unlinkat(pfd, base, 0)) < 0 && errno != ENOENT)
                 return efail(c, errno, path, "cannot remove the existing entry");
             if (mkdirat(pfd, base, 0700) < 0) return efail(c, errno, path, "cannot create directory");
         }
@@ -1153,7 +1258,7 @@ static int prune(ctx *c, int dfd, const char *d, size_t dn, int memo)
             const char *nm = del.p + i;
             i += strlen(nm) + 1;
             int r = c->rec ? lfs_rec_removing(c->rec, fd, nm, NULL, c->err) : 0;
-            if (r == 0) r = lfs_remove_at(fd, nm, c->err);
+            if (r == 0) r = remove_at(c, fd, nm);
             if (r < 0) { closedir(dir); rc = ectx(c, r); goto out; }
         }
         closedir(dir);
@@ -1173,7 +1278,7 @@ out:
  * Returns the fd, -ENOENT/-ENOTDIR when there is no such directory, or an error. */
 static int open_target_dir(ctx *c, int pfd, const char *base, const char *path, size_t len, int make)
 {
-    int fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
+    int fd = open_dir_up(c, pfd, base);
     if (fd >= 0) return fd;
     int er = errno;
     if (er == ELOOP) er = ENOTDIR;
@@ -1183,10 +1288,11 @@ static int open_target_dir(ctx *c, int pfd, const char *base, const char *path, 
         chain_changed(c);
         int r = c->rec ? lfs_rec_removing(c->rec, pfd, base, NULL, c->err) : 0;
         if (r < 0) return ectx(c, r);
-        if (unlinkat(pfd, base, 0) < 0 && errno != ENOENT)
+        if (OPENING_UP(c, pfd, unlinkat(pfd, base, 0)) < 0 && errno != ENOENT)
             return efail(c, errno, path, "cannot remove the existing entry");
     }
-    if (mkdirat(pfd, base, 0700) < 0 && errno != EEXIST) return efail(c, errno, path, "cannot create directory");
+    if (OPENING_UP(c, pfd, mkdirat(pfd, base, 0700)) < 0 && errno != EEXIST)
+        return efail(c, errno, path, "cannot create directory");
     fd = openat(pfd, base, DIR_FLAGS | O_NOFOLLOW);
     if (fd < 0) return efail(c, errno, path, "cannot open the new directory");
     int r = fix_new_dir(c, fd);
@@ -1263,11 +1369,11 @@ static int do_whiteout(ctx *c, size_t plen, const char *base)
     if (!ov) {
         chain_changed(c);
         int r = c->rec ? lfs_rec_removing(c->rec, pfd, target, NULL, c->err) : 0;
-        if (r == 0) r = lfs_remove_at(pfd, target, c->err);
+        if (r == 0) r = remove_at(c, pfd, target);
         return r < 0 ? ectx(c, r) : 0;
     }
     for (int tries = 0;; tries++) {
-        if (mknodat(pfd, target, S_IFCHR, makedev(0, 0)) == 0) break;
+        if (OPENING_UP(c, pfd, mknodat(pfd, target, S_IFCHR, makedev(0, 0))) == 0) break;
         if (errno != EEXIST || tries > 0)
             return efail(c, errno, c->wpath, "cannot create whiteout device");
         int r = replace(c, pfd, target, c->wpath);
@@ -1404,6 +1510,26 @@ static int finish_dirs(ctx *c)
     return 0;
 }
 
+/* The modes open_up changed, put back; a directory this layer lists keeps the
+ * mode finish_dirs gave it.  Every fd is closed; the first error is returned
+ * when report is set. */
+static int restore_opened(ctx *c, int report)
+{
+    int rc = 0;
+    for (size_t i = c->nod; i-- > 0;) {
+        opened_dir *o = &c->od[i];
+        int listed = 0;
+        for (size_t k = 0; k < c->ndt && !listed; k++)
+            listed = c->dt[k].set_mode && same_ident(&c->dt[k].id, &o->id);
+        if (!listed && fchmod(o->fd, o->mode) < 0 && report && rc == 0)
+            rc = lfs_fail(c->err, errno, -1, NULL, NULL,
+                          "cannot put back mode %04o of a directory opened up to write in it", o->mode);
+        close(o->fd);
+    }
+    c->nod = 0;
+    return rc;
+}
+
 /* ---- the call ---- */
 
 int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result *res, lfs_error *err)
@@ -1478,13 +1604,16 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *o, lfs_apply_result 
     if (rc < 0) goto out;
     rc = finish_dirs(c);
     if (rc == 0 && c->rec) rc = lfs_rec_finish(c->rec, &res->digests, &res->record_size, err);
+    if (rc == 0) rc = restore_opened(c, 1);
 out:
+    restore_opened(c, 0);
     chain_cut(c, 0);
     if (c->tar) lfs_tar_free(c->tar);
     lfs_rec_free(c->rec);
     if (src) lfs_src_free(src);
     free(c->slots);
     free(c->dt);
+    free(c->od);
     arena_free(&c->arena);
     free(c);
     return rc < 0 ? rc : 0;

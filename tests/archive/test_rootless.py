@@ -1,0 +1,152 @@
+"""Layers stacked without root: a lower layer's directory that is closed to its
+owner (0555 as Fedora ships /usr/bin, 0500, 0000) still takes what a later layer
+puts in it or removes from it, and keeps its mode afterwards.
+
+Every apply runs in a child process as uid/gid 65534 (nobody) onto a root that
+nobody owns; the test process (root) then checks the tree."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_contract_audit import as_nobody
+
+from .tarbuild import Tar, native_as_nobody
+
+REPO = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+
+
+@pytest.fixture
+def root(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    r = tmp_path / "root"
+    r.mkdir()
+    os.chown(r, NOBODY, NOBODY)
+    return r
+
+
+def apply_as_nobody(root: Path, t: Tar, **options):
+    """Apply t onto root as nobody; (errno or 0, stderr)."""
+    layer = root.parent / "layer.tar"
+    layer.write_bytes(t.bytes())
+    options.setdefault("owners", "skip")
+    in_fd = os.open(layer, os.O_RDONLY)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        p = native_as_nobody(f"apply({in_fd}, {root_fd}, **{options!r})", [in_fd, root_fd],
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.close(in_fd)
+        os.close(root_fd)
+    return p.returncode, p.stderr.strip()
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(os.lstat(p).st_mode)
+
+
+LOWER = (Tar().dir("usr/", mode=0o755).dir("usr/bin/", mode=0o555).file("usr/bin/sh", b"sh", mode=0o555)
+         .file("usr/bin/old", b"old").dir("usr/bin/sub/", mode=0o555).file("usr/bin/sub/x", b"x")
+         .dir("locked/", mode=0o500).dir("locked/inner/", mode=0o755).file("locked/inner/keep", b"k")
+         .file("locked/inner/drop", b"d")
+         .dir("shut/", mode=0o000).dir("shut/deep/", mode=0o700).file("shut/deep/f", b"f")
+         .dir("listed/", mode=0o555))
+
+
+def test_later_layer_writes_into_closed_lower_directories(root):
+    rc, err = apply_as_nobody(root, LOWER)
+    assert rc == 0, err
+    upper = (Tar().file("usr/bin/tool", b"tool", mode=0o755)       # a new file
+             .file("usr/bin/sh", b"new sh", mode=0o555)             # a file over a file
+             .whiteout("usr/bin/old")                               # a whiteout
+             .symlink("usr/bin/link", "tool").fifo("usr/bin/pipe")
+             .dir("usr/bin/newdir/", mode=0o750).file("usr/bin/newdir/f", b"nf")
+             .hardlink("locked/inner/hl", "usr/bin/tool")          # link across closed dirs
+             .opaque("locked/inner").file("locked/inner/mine", b"m")
+             .file("shut/deep/g", b"g")                             # through a 0000 directory
+             .file("usr/bin/sub/y", b"y")
+             .dir("listed/", mode=0o750).file("listed/z", b"z"))   # the layer's own mode wins
+    rc, err = apply_as_nobody(root, upper)
+    assert rc == 0, err
+
+    # the closed directories got what the layer put there and keep their modes
+    assert (mode(root / "usr/bin"), mode(root / "usr/bin/sub")) == (0o555, 0o555)
+    assert (mode(root / "locked"), mode(root / "shut")) == (0o500, 0o000)
+    assert mode(root / "listed") == 0o750
+    assert mode(root / "usr/bin/newdir") == 0o750
+    os.chmod(root / "shut", 0o700)               # root reads through 0000 anyway; be plain
+    bin_ = root / "usr/bin"
+    assert sorted(os.listdir(bin_)) == ["link", "newdir", "pipe", "sh", "sub", "tool"]
+    assert (bin_ / "tool").read_bytes() == b"tool" and (bin_ / "sh").read_bytes() == b"new sh"
+    assert os.readlink(bin_ / "link") == "tool"
+    assert stat.S_ISFIFO(os.lstat(bin_ / "pipe").st_mode)
+    assert sorted(os.listdir(bin_ / "sub")) == ["x", "y"]
+    assert sorted(os.listdir(root / "locked/inner")) == ["hl", "mine"]
+    assert os.path.samefile(root / "locked/inner/hl", bin_ / "tool")
+    assert sorted(os.listdir(root / "shut/deep")) == ["f", "g"]
+    assert (root / "listed/z").read_bytes() == b"z"
+
+
+def test_whiteout_and_opaque_in_closed_directories(root):
+    rc, err = apply_as_nobody(root, LOWER)
+    assert rc == 0, err
+    rc, err = apply_as_nobody(root, Tar().whiteout("usr/bin/sub").opaque("locked").whiteout("shut/deep"))
+    assert rc == 0, err
+    assert sorted(os.listdir(root / "usr/bin")) == ["old", "sh"]
+    assert os.listdir(root / "locked") == []
+    assert os.listdir(root / "shut") == []
+    assert (mode(root / "usr/bin"), mode(root / "locked"), mode(root / "shut")) == (0o555, 0o500, 0)
+
+
+def test_failed_layer_puts_modes_back(root):
+    rc, err = apply_as_nobody(root, LOWER)
+    assert rc == 0, err
+    # locked/x is made (locked opened up for it), then its data ends early
+    broken = Tar().file("usr/bin/tool", b"tool").file("locked/x", b"x" * 600).bytes()[:2048 + 100]
+    layer = root.parent / "broken.tar"
+    layer.write_bytes(broken)
+    in_fd = os.open(layer, os.O_RDONLY)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        p = native_as_nobody(f"apply({in_fd}, {root_fd}, owners='skip')", [in_fd, root_fd],
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.close(in_fd)
+        os.close(root_fd)
+    assert p.returncode != 0 and "locked/x" in p.stderr, p.stderr
+    assert (mode(root / "usr/bin"), mode(root / "locked")) == (0o555, 0o500)
+
+
+def test_directory_owned_by_another_user_is_left_alone(root):
+    (root / "theirs").mkdir()
+    os.chmod(root / "theirs", 0o555)             # root's, not nobody's
+    rc, err = apply_as_nobody(root, Tar().file("theirs/f", b"f"))
+    assert rc == errno.EACCES and "theirs/f" in err, err
+    assert mode(root / "theirs") == 0o555 and os.listdir(root / "theirs") == []
+
+
+@pytest.fixture
+def nobodys_dir():
+    """A directory of nobody's whose parents nobody can search (/var/tmp)."""
+    work = Path(tempfile.mkdtemp(prefix="layerfs-rootless-", dir="/var/tmp"))
+    os.chown(work, NOBODY, NOBODY)
+    yield work
+    shutil.rmtree(work)
+
+
+def test_cli_unpack_of_stacked_layers_as_nobody(nobodys_dir):
+    work = nobodys_dir
+    (work / "1.tar").write_bytes(LOWER.bytes())
+    (work / "2.tar").write_bytes(Tar().file("usr/bin/tool", b"tool").whiteout("usr/bin/old").bytes())
+    p = as_nobody("unpack", "--owners", "skip", "1.tar", "2.tar", "rootfs", cwd=work)
+    assert p.returncode == 0, p.stderr
+    bin_ = work / "rootfs/usr/bin"
+    assert sorted(os.listdir(bin_)) == ["sh", "sub", "tool"]
+    assert mode(bin_) == 0o555
