@@ -310,3 +310,20 @@ def native_as_nobody(call: str, fds: Sequence[int], env: Optional[dict] = None):
             "    print(e, file=sys.stderr); sys.exit(e.errno)")
     return subprocess.run([sys.executable, "-c", code], pass_fds=list(fds), capture_output=True,
                           text=True, cwd="/", env=env)
+
+
+def apply_as_nobody(root, data: bytes, env: Optional[dict] = None, **options):
+    """Apply the layer data onto directory root in a child running as nobody
+    (see native_as_nobody); the layer file is written beside root.  Returns
+    (errno or 0, stderr)."""
+    import os
+    layer = root.parent / (root.name + ".layer.tar")
+    layer.write_bytes(data)
+    in_fd = os.open(layer, os.O_RDONLY)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        p = native_as_nobody(f"apply({in_fd}, {root_fd}, **{options!r})", [in_fd, root_fd], env=env)
+    finally:
+        os.close(in_fd)
+        os.close(root_fd)
+    return p.returncode, p.stderr.strip()

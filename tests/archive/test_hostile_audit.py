@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .model import snapshot
-from .tarbuild import Tar, native_as_nobody
+from .tarbuild import Tar, apply_as_nobody
 from .test_hostile import EVIL, SAFE_ERRORS, Sandbox, _link_targets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,17 +108,7 @@ def _apply_as_nobody(tmp_path: Path, data: bytes, **options):
     root = tmp_path / "root"
     root.mkdir()
     os.chown(root, 65534, 65534)
-    layer = tmp_path / "layer.tar"
-    layer.write_bytes(data)
-    in_fd = os.open(layer, os.O_RDONLY)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        p = native_as_nobody(f"apply({in_fd}, {root_fd}, **{options!r})", [in_fd, root_fd],
-                             env=dict(os.environ, PYTHONPATH=str(REPO)))
-    finally:
-        os.close(in_fd)
-        os.close(root_fd)
-    return p.returncode, p.stderr
+    return apply_as_nobody(root, data, env=dict(os.environ, PYTHONPATH=str(REPO)), **options)
 
 
 def test_unprivileged_directory_listed_twice_with_mode_0000(tmp_path):

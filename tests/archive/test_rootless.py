@@ -17,7 +17,8 @@ import pytest
 
 from tests.cli.test_contract_audit import as_nobody
 
-from .tarbuild import Tar, native_as_nobody
+from . import tarbuild
+from .tarbuild import Tar
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -32,20 +33,11 @@ def root(tmp_path):
     return r
 
 
-def apply_as_nobody(root: Path, t: Tar, **options):
-    """Apply t onto root as nobody; (errno or 0, stderr)."""
-    layer = root.parent / "layer.tar"
-    layer.write_bytes(t.bytes())
+def apply_as_nobody(root: Path, layer, **options):
+    """Apply layer (a Tar or its bytes) onto root as nobody; (errno or 0, stderr)."""
     options.setdefault("owners", "skip")
-    in_fd = os.open(layer, os.O_RDONLY)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        p = native_as_nobody(f"apply({in_fd}, {root_fd}, **{options!r})", [in_fd, root_fd],
-                             env=dict(os.environ, PYTHONPATH=str(REPO)))
-    finally:
-        os.close(in_fd)
-        os.close(root_fd)
-    return p.returncode, p.stderr.strip()
+    data = layer.bytes() if isinstance(layer, Tar) else layer
+    return tarbuild.apply_as_nobody(root, data, env=dict(os.environ, PYTHONPATH=str(REPO)), **options)
 
 
 def mode(p: Path) -> int:
@@ -110,17 +102,8 @@ def test_failed_layer_puts_modes_back(root):
     assert rc == 0, err
     # locked/x is made (locked opened up for it), then its data ends early
     broken = Tar().file("usr/bin/tool", b"tool").file("locked/x", b"x" * 600).bytes()[:2048 + 100]
-    layer = root.parent / "broken.tar"
-    layer.write_bytes(broken)
-    in_fd = os.open(layer, os.O_RDONLY)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        p = native_as_nobody(f"apply({in_fd}, {root_fd}, owners='skip')", [in_fd, root_fd],
-                             env=dict(os.environ, PYTHONPATH=str(REPO)))
-    finally:
-        os.close(in_fd)
-        os.close(root_fd)
-    assert p.returncode != 0 and "locked/x" in p.stderr, p.stderr
+    rc, err = apply_as_nobody(root, broken)
+    assert rc != 0 and "locked/x" in err, err
     assert (mode(root / "usr/bin"), mode(root / "locked")) == (0o555, 0o500)
 
 
