@@ -891,9 +891,13 @@ static int do_file(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
     mode_t want = e->mode & 07777;
     gid_t dgid;
     int acl, own_ok = uid == NO_ID, mode_ok = 0;
+    /* Without root, setting user.* xattrs takes write permission on the file:
+     * a read-only file gets its mode after them. */
+    int chmod_last = c->euid != 0 && e->nxattrs && !(want & S_IWUSR);
     if (creation_defaults(c, pfd, &dgid, &acl) == 0) {
         own_ok = own_ok || (uid == (uint32_t)c->fsuid && gid == (uint32_t)dgid);
-        mode_ok = own_ok && !acl && c->umask_known && !(want & 07000) && !(want & c->umask);
+        mode_ok = own_ok && !acl && c->umask_known && !(want & 07000) && !(want & c->umask) &&
+                  !chmod_last;
     }
     int fd;
     for (int tries = 0;; tries++) {
@@ -913,12 +917,16 @@ static int do_file(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
         r = efail(c, errno, path, "cannot change owner to %u:%u", uid, gid);
         goto out;
     }
-    if (!mode_ok && fchmod(fd, want) < 0) {
+    if (!mode_ok && !chmod_last && fchmod(fd, want) < 0) {
         r = efail(c, errno, path, "cannot change mode to %04o", want);
         goto out;
     }
     r = set_xattrs(c, e, fd, pfd, base, path);
     if (r < 0) goto out;
+    if (chmod_last && fchmod(fd, want) < 0) {
+        r = efail(c, errno, path, "cannot change mode to %04o", want);
+        goto out;
+    }
     struct timespec ts[2];
     entry_times(e, ts);
     if (futimens(fd, ts) < 0) r = efail(c, errno, path, "cannot set times");

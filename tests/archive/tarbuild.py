@@ -296,20 +296,26 @@ def simple(entries: Iterable[Tuple[str, bytes]]) -> bytes:
     return t.bytes()
 
 
-def native_as_nobody(call: str, fds: Sequence[int], env: Optional[dict] = None):
-    """Run ``_native.<call>`` (a Python expression over the inherited fds) in a
-    child process as uid/gid 65534 without groups; it exits with the errno of
-    an OSError (printed on stderr), else 0.  Returns the CompletedProcess."""
+def run_as_nobody(code: str, fds: Sequence[int], env: Optional[dict] = None):
+    """Run Python statements (with ``_native`` imported, over the inherited fds)
+    in a child process as uid/gid 65534 without groups; it exits with the errno
+    of an OSError (printed on stderr), else 0.  Returns the CompletedProcess."""
     import subprocess
     import sys
-    code = ("import os, sys; from layerfs import _native; os.setgroups([]); "
-            "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
-            "try:\n"
-            f"    _native.{call}\n"
-            "except OSError as e:\n"
-            "    print(e, file=sys.stderr); sys.exit(e.errno)")
-    return subprocess.run([sys.executable, "-c", code], pass_fds=list(fds), capture_output=True,
+    import textwrap
+    child = ("import os, sys; from layerfs import _native; os.setgroups([]); "
+             "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+             "try:\n" + textwrap.indent(code, "    ") + "\n"
+             "except OSError as e:\n"
+             "    print(e, file=sys.stderr); sys.exit(e.errno)")
+    return subprocess.run([sys.executable, "-c", child], pass_fds=list(fds), capture_output=True,
                           text=True, cwd="/", env=env)
+
+
+def native_as_nobody(call: str, fds: Sequence[int], env: Optional[dict] = None):
+    """``_native.<call>`` (a Python expression over the inherited fds) run as
+    nobody; see run_as_nobody."""
+    return run_as_nobody(f"_native.{call}", fds, env)
 
 
 def apply_as_nobody(root, data: bytes, env: Optional[dict] = None, **options):

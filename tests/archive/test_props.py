@@ -9,6 +9,9 @@
     reference model's tree (model.py); the same stack applied with
     whiteouts="overlay" into one directory per layer and mounted with a real
     overlayfs shows the same tree.
+    Applied as nobody (owners skipped), stacks whose layers may leave out the
+    directories already there give the same tree but for owners and the times
+    of directories written into without being listed.
 (c) archives of random trees written by GNU tar (posix and gnu formats, with and
     without --sparse) and by Python's tarfile extract with apply_layer to the
     same tree as GNU tar's own extraction.
@@ -25,6 +28,7 @@ import subprocess
 import tarfile
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import List, Optional
 
 import pytest
@@ -35,6 +39,9 @@ from layerfs.archive import apply_layer, create_layer
 
 from . import model
 from .model import Entry, assert_same_tree, overlay_mount, snapshot
+from .tarbuild import run_as_nobody
+
+REPO = Path(__file__).resolve().parents[2]
 
 EXAMPLES = int(os.environ.get("LAYERFS_PROP_EXAMPLES", "60"))
 props = settings(max_examples=EXAMPLES, deadline=None,
@@ -272,7 +279,7 @@ def test_create_is_deterministic(workdir, nodes):
 
 STACK_NAMES = [b"a", b"b", b"c", b"d"]
 stack_file_modes = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o2711, 0o444])
-stack_dir_modes = st.sampled_from([0o755, 0o700, 0o1777, 0o2755, 0o555])
+stack_dir_modes = st.sampled_from([0o755, 0o700, 0o1777, 0o2755, 0o555, 0o500, 0o000])
 stack_ids = st.sampled_from([0, 1, 1000, 65534, 2**31 + 5])
 stack_mtimes = st.integers(0, 2**33).flatmap(
     lambda s: st.sampled_from([0, 1, 999_999_999, 123_456_789]).map(lambda ns: s * 10**9 + ns))
@@ -298,9 +305,10 @@ class LayerBuilder:
     opaque directory (and its ancestors) stays a directory for the rest of
     the layer."""
 
-    def __init__(self, draw, lower: model.Tree):
+    def __init__(self, draw, lower: model.Tree, relist: bool = True):
         self.draw = draw
         self.lower = lower
+        self.relist = relist       # False: directories already there are not listed again
         self.entries: List[Entry] = []
         self.dirs = set()          # paths written as directories in this layer, still dirs
         self.whiteouts = {}        # path -> written again after its whiteout
@@ -326,11 +334,16 @@ class LayerBuilder:
         return any(_under(p, w) and p != w and not again for w, again in self.whiteouts.items())
 
     def parents(self, p: bytes) -> bool:
+        cur = None
         for a in _ancestors(p):
             if a in self.dirs:
                 continue
             if self._blocked(a):
                 return False
+            if not self.relist:
+                cur = cur if cur is not None else model.apply_layer(self.lower, self.entries)
+                if cur.get(a, {}).get("type") == "d":
+                    continue
             self.emit(Entry(a, "dir", **self.meta("dir")))
         return True
 
@@ -393,7 +406,7 @@ class LayerBuilder:
             self.put("symlink", self.pick())
         elif op == "delete":
             self.delete(self.pick())
-        elif op == "opaque":
+        elif op == "opaque" and self.relist:   # (its lower parents would go with it)
             self.opaque(self.pick("dir"))
         elif op == "dir2file":
             self.put(self.draw(st.sampled_from(["file", "symlink"])), self.pick("dir"))
@@ -411,11 +424,13 @@ class LayerBuilder:
 
 
 @st.composite
-def stacks(draw, max_layers=4, max_ops=8):
+def stacks(draw, max_layers=4, max_ops=8, vary_relist=False):
+    """Layer stacks; with vary_relist, a layer may leave out the directories
+    that are already there (as layers that list only what changed do)."""
     tree: model.Tree = {}
     layers = []
     for _ in range(draw(st.integers(1, max_layers))):
-        b = LayerBuilder(draw, tree)
+        b = LayerBuilder(draw, tree, relist=not vary_relist or draw(st.booleans()))
         for _ in range(draw(st.integers(1, max_ops))):
             b.step()
         layer = b.finish()
@@ -499,6 +514,41 @@ def test_stack_as_overlay_userxattr_layers_equals_model(workdir, layers):
         d_ = model.diff_trees(expected, actual)
         assert not d_, "userxattr overlay differs from the model:\n" + "\n".join(d_) + \
             "\n" + _describe(layers)
+
+
+def _owners_and_dir_times_dropped(tree: model.Tree) -> model.Tree:
+    return {p: {k: v for k, v in n.items()
+                if k not in ("uid", "gid") and not (k == "mtime_ns" and n["type"] == "d")}
+            for p, n in tree.items()}
+
+
+@props
+@given(layers=stacks(vary_relist=True))
+def test_stack_applied_without_root_equals_model(workdir, layers):
+    """As nobody, owners skipped: the model's tree but for owners, and for the
+    times of directories that a layer wrote into without listing them (the
+    kernel's, as with any extractor).  Lower directories closed to their owner
+    (0555, 0500, 0000) take what later layers put in or remove."""
+    expected = _owners_and_dir_times_dropped(model.apply_stack(layers))
+    with scratch(workdir) as d:
+        blobs = _write_layers(d, layers)
+        dest = os.path.join(d, "rootfs")
+        os.mkdir(dest)
+        os.chmod(dest, 0o755)
+        os.chown(dest, 65534, 65534)
+        fds = [os.open(b, os.O_RDONLY) for b in blobs]
+        root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            p = run_as_nobody(f"for fd in {fds!r}: _native.apply(fd, {root_fd}, owners='skip')",
+                              fds + [root_fd], env=dict(os.environ, PYTHONPATH=str(REPO)))
+        finally:
+            for fd in fds + [root_fd]:
+                os.close(fd)
+        assert p.returncode == 0, p.stderr + "\n" + _describe(layers)
+        actual = _owners_and_dir_times_dropped(snapshot(dest))
+        d_ = model.diff_trees(expected, actual)
+        assert not d_, "stack applied without root differs from the model:\n" + \
+            "\n".join(d_) + "\n" + _describe(layers)
 
 
 # ------------------------------------------------------------------ (c) other writers

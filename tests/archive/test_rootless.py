@@ -133,3 +133,15 @@ def test_cli_unpack_of_stacked_layers_as_nobody(nobodys_dir):
     bin_ = work / "rootfs/usr/bin"
     assert sorted(os.listdir(bin_)) == ["sh", "sub", "tool"]
     assert mode(bin_) == 0o555
+
+
+def test_read_only_file_with_user_xattr(root):
+    # user.* xattrs need write permission on the file: without root they go on
+    # before a read-only mode does
+    t = (Tar().file("ro", b"r", mode=0o444, pax={"SCHILY.xattr.user.tag": "v"})
+         .file("rx", b"x", mode=0o4555, pax={"SCHILY.xattr.user.tag": "w"}))
+    rc, err = apply_as_nobody(root, t)
+    assert rc == 0, err
+    assert (mode(root / "ro"), mode(root / "rx")) == (0o444, 0o4555)
+    assert os.getxattr(root / "ro", "user.tag") == b"v"
+    assert os.getxattr(root / "rx", "user.tag") == b"w"
