@@ -4,6 +4,8 @@
     setuid/sticky, numeric owners (large ones too), sizes and contents, symlink
     targets, device numbers, xattrs (user.*, security.capability), nanosecond
     mtimes, hardlink groups, odd names; with sparse=True the holes too.
+    Applied as nobody (owners skipped), the same but for owners and
+    security.* xattrs.
 (b) random layer stacks (add/modify, mkdir, symlink, whiteout, opaque dir,
     replacements both ways) applied in order with whiteouts="apply" give the
     reference model's tree (model.py); the same stack applied with
@@ -259,6 +261,40 @@ def test_create_then_apply_keeps_the_tree(workdir, nodes, compression, sparse):
         assert a.compression == compression
         assert_same_tree(before, snapshot(dst, holes=sparse), "applied tree")
         assert_same_tree(before, snapshot(src, holes=sparse), "source tree after create_layer")
+
+
+def _as_nobody_sees(tree: model.Tree) -> model.Tree:
+    """What applying without root can keep: no owners, no security.* xattrs."""
+    return {p: dict(n, uid=None, gid=None,
+                    xattrs={k: v for k, v in n["xattrs"].items() if not k.startswith("security.")})
+            for p, n in tree.items()}
+
+
+@props
+@given(nodes=trees(devices=False, link_any=False), compression=st.sampled_from(["none", "zstd"]))
+def test_create_then_apply_without_root_keeps_the_tree(workdir, nodes, compression):
+    """As nobody (owners skipped): every mode (0000 directories, read-only files
+    with xattrs, setuid), content, xattr, time and hardlink, owners aside."""
+    with scratch(workdir) as d:
+        src, dst, blob = os.path.join(d, "src"), os.path.join(d, "dst"), os.path.join(d, "layer")
+        os.mkdir(src)
+        materialize(src, nodes)
+        os.chmod(src, 0o755)
+        os.utime(src, ns=(0, 0))
+        before = _as_nobody_sees(snapshot(src))
+        create_layer(src, blob, compression=compression)
+        os.mkdir(dst)
+        os.chown(dst, 65534, 65534)
+        in_fd = os.open(blob, os.O_RDONLY)
+        root_fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            p = run_as_nobody(f"_native.apply({in_fd}, {root_fd}, owners='skip')",
+                              [in_fd, root_fd], env=dict(os.environ, PYTHONPATH=str(REPO)))
+        finally:
+            os.close(in_fd)
+            os.close(root_fd)
+        assert p.returncode == 0, p.stderr
+        assert_same_tree(before, _as_nobody_sees(snapshot(dst)), "tree applied without root")
 
 
 @props
