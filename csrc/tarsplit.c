@@ -536,6 +536,35 @@ static int blob_feed(lfs_rec *r, const unsigned char *p, size_t n, int end, uint
 }
 
 /* Keep the content of operation f (its file is dirfd/name) in the record. */
+/* Open dirfd/name for reading.  Without root, a file of ours that a layer
+ * made unreadable (mode 0000, 0200) is opened through a moment of u+r: found
+ * without reading it (O_PATH), changed through /proc/self/fd, put back. */
+static int open_own_file(int dirfd, const char *name)
+{
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd >= 0 || errno != EACCES) return fd;
+    int pf = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (pf < 0) {
+        errno = EACCES;
+        return -1;
+    }
+    struct stat st;
+    char proc[32];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pf);
+    fd = -1;
+    if (fstat(pf, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
+        !(st.st_mode & S_IRUSR) && chmod(proc, (st.st_mode & 07777) | S_IRUSR) == 0) {
+        fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        int e = errno;
+        chmod(proc, st.st_mode & 07777);
+        errno = e;
+    } else {
+        errno = EACCES;
+    }
+    close(pf);
+    return fd;
+}
+
 static int capture(lfs_rec *r, fent *f, int dirfd, const char *name, lfs_error *err)
 {
     size_t seq = (size_t)(f - r->f);
@@ -552,7 +581,7 @@ static int capture(lfs_rec *r, fent *f, int dirfd, const char *name, lfs_error *
         r->b = nb;
         r->capb = nc;
     }
-    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    int fd = open_own_file(dirfd, name);
     if (fd < 0) return rfail(r, err, errno, name, "cannot open the file to keep its content in the record");
     struct stat st;
     if (fstat(fd, &st) < 0) {
@@ -1243,7 +1272,7 @@ static int open_file(rd *r, size_t plen, int64_t realsize)
     if (st.st_size != realsize)
         return changed(r, "'%s' has %lld bytes, the record says %lld", r->path,
                        (long long)st.st_size, (long long)realsize);
-    int fd = openat(r->dfd, base, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    int fd = open_own_file(r->dfd, base);       /* (Fedora's /etc/shadow is 0000) */
     if (fd < 0) return lfs_fail(r->err, errno, -1, r->path, NULL, "cannot open the file");
     return fd;
 }
