@@ -686,6 +686,15 @@ static int chain_find(ctx *c, const char *p, size_t n)
 
 /* ---- metadata ---- */
 
+/* An owner that cannot be given; EINVAL is an id the user namespace does not map. */
+static int chown_failed(ctx *c, int err, const char *path, uint32_t uid, uint32_t gid)
+{
+    if (err == EINVAL)
+        return efail(c, err, path, "cannot change owner to %u:%u: not mapped in this user "
+                     "namespace (map more ids: /etc/subuid, /etc/subgid)", uid, gid);
+    return efail(c, err, path, "cannot change owner to %u:%u", uid, gid);
+}
+
 static int map_id(const lfs_idmap *m, size_t nm, uint32_t id, uint32_t *out)
 {
     for (size_t i = 0; i < nm; i++) {
@@ -797,7 +806,7 @@ static int meta_at(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
     int own_ok = uid == NO_ID || (uid == (uint32_t)c->fsuid &&
                                   creation_defaults(c, pfd, &dgid, &acl) == 0 && gid == (uint32_t)dgid);
     if (!own_ok && fchownat(pfd, base, uid, gid, AT_SYMLINK_NOFOLLOW) < 0)
-        return efail(c, errno, path, "cannot change owner to %u:%u", uid, gid);
+        return chown_failed(c, errno, path, uid, gid);
     if (chmod_it) {
         int r = chmod_nofollow(pfd, base, e->mode & 07777);
         if (r < 0) return efail(c, -r, path, "cannot change mode to %04o", e->mode & 07777);
@@ -914,7 +923,7 @@ static int do_file(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
     if (r == 0) r = file_data(c, e, fd, path);
     if (r < 0) goto out;
     if (!own_ok && fchown(fd, uid, gid) < 0) {
-        r = efail(c, errno, path, "cannot change owner to %u:%u", uid, gid);
+        r = chown_failed(c, errno, path, uid, gid);
         goto out;
     }
     if (!mode_ok && !chmod_last && fchmod(fd, want) < 0) {
@@ -1057,7 +1066,7 @@ static int meta_dir(ctx *c, const lfs_entry *e, int fd, const char *path, size_t
      * the root, level 0); the level it is pushed as starts unknown. */
     if (len == 0 || c->alias_level) c->dgen++;
     if (uid != NO_ID && fchown(fd, uid, gid) < 0)
-        return efail(c, errno, path, "cannot change owner to %u:%u", uid, gid);
+        return chown_failed(c, errno, path, uid, gid);
     mode_t mode = e->mode & 07777;
     if (c->defer_dir_mode) mode |= S_IRWXU;
     if (fchmod(fd, mode) < 0) return efail(c, errno, path, "cannot change mode to %04o", mode);

@@ -72,6 +72,16 @@ from ..errors import AlreadyExists, LayerError, NotFound, NotSupported, Precondi
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the initial one."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            lines = [l.split() for l in f.read().splitlines() if l.strip()]
+    except OSError:
+        return False
+    return lines != [["0", "0", "4294967295"]]
+
+
 class Support(NamedTuple):
     """Whether a driver can run here, and if not, what to do about it."""
     ok: bool
@@ -493,6 +503,10 @@ class DirectoryDriver(Driver):
         options.setdefault("whiteouts", self.whiteout_mode)
         if options["whiteouts"] == "overlay" and self.options.get("userxattr"):
             options.setdefault("overlay_user_xattr", True)
+        if in_user_namespace():
+            # no device can be made here: like Docker's and Podman's rootless
+            # storage, leave them out (the result counts a warning)
+            options.setdefault("skip_devices", True)
         result = apply_layer(source, self._apply_target(info), **options)
         with self._locked():
             info.complete = True

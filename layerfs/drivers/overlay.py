@@ -53,7 +53,7 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 from ..diff import compare_trees, with_parents
 from ..errors import NotSupported, PreconditionFailed
 from . import _mount
-from .base import (Change, DirectoryDriver, LayerInfo, Support, backing_filesystem,
+from .base import (Change, DirectoryDriver, LayerInfo, Support, backing_filesystem, in_user_namespace,
                    is_mountpoint, remove_tree, tar_stream_of)
 
 LINK_DIR = "l"
@@ -63,16 +63,6 @@ _WH = b".wh."
 
 
 # ----------------------------------------------------------------- environment
-
-def in_user_namespace() -> bool:
-    """Whether this process runs in a user namespace other than the initial one."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            lines = [l.split() for l in f.read().splitlines() if l.strip()]
-    except OSError:
-        return False
-    return lines != [["0", "0", "4294967295"]]
-
 
 def _module_param(name: str) -> Optional[str]:
     try:
