@@ -692,6 +692,9 @@ static int chown_failed(ctx *c, int err, const char *path, uint32_t uid, uint32_
     if (err == EINVAL)
         return efail(c, err, path, "cannot change owner to %u:%u: not mapped in this user "
                      "namespace (map more ids: /etc/subuid, /etc/subgid)", uid, gid);
+    if (err == EPERM && c->euid != 0)
+        return efail(c, err, path, "cannot change owner to %u:%u (not root: owners can be "
+                     "skipped)", uid, gid);
     return efail(c, err, path, "cannot change owner to %u:%u", uid, gid);
 }
 
@@ -966,7 +969,9 @@ static int do_node(ctx *c, const lfs_entry *e, int pfd, const char *base, const 
     for (int tries = 0;; tries++) {
         if (OPENING_UP(c, pfd, mknodat(pfd, base, fmt | 0600, dev)) == 0) break;
         if (errno != EEXIST || tries > 0)
-            return efail(c, errno, path, fmt == S_IFIFO ? "cannot create fifo" : "cannot create device node");
+            return efail(c, errno, path, fmt == S_IFIFO ? "cannot create fifo"
+                         : errno == EPERM ? "cannot create device node (devices can be skipped)"
+                         : "cannot create device node");
         int r = replace(c, pfd, base, path);
         if (r < 0) return r;
     }

@@ -173,3 +173,12 @@ def test_tar_split_record_of_unreadable_files(root):
             os.close(fd)
     assert p.returncode == 0, p.stderr
     assert (mode(root / "shadow"), mode(root / "etc/gshadow"), mode(root / "h")) == (0, 0, 0o644)
+
+
+def test_without_root_owner_and_device_errors_say_what_can_be_skipped(root):
+    rc, err = apply_as_nobody(root, Tar().file("f", b"f", uid=1000, gid=1000), owners="keep")
+    assert rc == errno.EPERM and "entry 'f'" in err and "owners can be skipped" in err, err
+    rc, err = apply_as_nobody(root, Tar().char("null", 1, 3))
+    assert rc == errno.EPERM and "entry 'null'" in err and "devices can be skipped" in err, err
+    rc, err = apply_as_nobody(root, Tar().char("null", 1, 3), skip_devices=True)
+    assert rc == 0, err
