@@ -90,6 +90,21 @@ int lfs_apply(int in_fd, int root_fd, const lfs_apply_opts *opts,
 /* Hash a layer stream: digest of the bytes, DiffID of the decompressed tar. */
 int lfs_digest_stream(int in_fd, int compression, lfs_digests *out, lfs_error *err);
 
+/* Decompress the stream read from in_fd (gzip, zstd or plain, as detected or
+ * given) into out_fd, decompressing in a second thread while writing; out gets
+ * the digests (of the bytes read and of what was written). */
+int lfs_decompress_fd(int in_fd, int out_fd, int compression, lfs_digests *out, lfs_error *err);
+
+/* A decompressed stream read piece by piece (decompression runs ahead in a
+ * second thread).  hash: 0 computes no digests (finish gives zeros).  read:
+ * bytes copied into buf, 0 at the end, <0 error.  finish: reads what is left
+ * and gives the digests.  free: also when unfinished (the thread is stopped). */
+typedef struct lfs_reader lfs_reader;
+int lfs_reader_open(lfs_reader **out, int in_fd, int compression, int hash, lfs_error *err);
+ssize_t lfs_reader_read(lfs_reader *r, void *buf, size_t n, lfs_error *err);
+int lfs_reader_finish(lfs_reader *r, lfs_digests *out, lfs_error *err);
+void lfs_reader_free(lfs_reader *r);
+
 /* sha256 of everything readable from fd. */
 int lfs_sha256_fd(int fd, unsigned char *out32, uint64_t *size, lfs_error *err);
 

@@ -1357,6 +1357,64 @@ int lfs_digest_stream(int in_fd, int compression, lfs_digests *out, lfs_error *e
     return rc;
 }
 
+struct lfs_reader {
+    lfs_src *src;
+};
+
+int lfs_reader_open(lfs_reader **out, int in_fd, int compression, int hash, lfs_error *err)
+{
+    *out = NULL;
+    lfs_reader *r = calloc(1, sizeof *r);
+    if (!r) return lfs_fail(err, ENOMEM, -1, "", NULL, "out of memory");
+    int rc = lfs_src_open_ex(&r->src, in_fd, compression, 0, hash ? 0 : LFS_SRC_NO_HASH, err);
+    if (rc < 0) {
+        free(r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+ssize_t lfs_reader_read(lfs_reader *r, void *buf, size_t n, lfs_error *err)
+{
+    return lfs_src_read(r->src, buf, n, err);
+}
+
+int lfs_reader_finish(lfs_reader *r, lfs_digests *out, lfs_error *err)
+{
+    return lfs_src_finish(r->src, out, err);
+}
+
+void lfs_reader_free(lfs_reader *r)
+{
+    if (!r) return;
+    lfs_src_free(r->src);
+    free(r);
+}
+
+int lfs_decompress_fd(int in_fd, int out_fd, int compression, lfs_digests *out, lfs_error *err)
+{
+    lfs_src *s;
+    int rc = lfs_src_open(&s, in_fd, compression, 0, err);
+    if (rc < 0) return rc;
+    uint64_t written = 0;
+    for (;;) {
+        const unsigned char *p;
+        ssize_t n = lfs_src_chunk(s, &p, SRC_BUF_CAP, err);
+        if (n < 0) { rc = (int)n; break; }
+        if (n == 0) { rc = lfs_src_finish(s, out, err); break; }
+        int w = lfs_write_full(out_fd, p, (size_t)n);
+        if (w < 0) {
+            rc = lfs_fail(err, -w, -1, "", NULL, "cannot write the decompressed stream at byte %llu: %s",
+                          (unsigned long long)written, errstr(-w));
+            break;
+        }
+        written += (uint64_t)n;
+    }
+    lfs_src_free(s);
+    return rc;
+}
+
 int lfs_sha256_fd(int fd, unsigned char *out32, uint64_t *size, lfs_error *err)
 {
     lfs_sha256 h;

@@ -6,6 +6,7 @@ Python values.  cffi releases the GIL for the whole of each call.
 """
 import errno as _errno
 import fcntl
+import io
 import os
 import struct
 import threading
@@ -149,6 +150,72 @@ def digest_stream(in_fd: int, compression: int = COMP_AUTO, name: Optional[str] 
     if rc < 0:
         _raise(rc, err, source=name or "<stream>")
     return _digests(out[0])
+
+
+def decompress(in_fd: int, out_fd: int, compression: int = COMP_AUTO,
+               name: Optional[str] = None) -> Digests:
+    """Write the decompressed stream of in_fd (gzip, zstd or plain) to out_fd,
+    decompressing in a second thread while writing (lfs_decompress_fd)."""
+    out = ffi.new("lfs_digests *")
+    err = _new_error()
+    rc = lib.lfs_decompress_fd(in_fd, out_fd, compression, out, err)
+    if rc < 0:
+        _raise(rc, err, source=name or "<stream>")
+    return _digests(out[0])
+
+
+class DecompressedReader(io.RawIOBase):
+    """The decompressed stream of fd (gzip, zstd or plain, detected) as a raw
+    binary file; decompression (and with hash, both digests) runs ahead in a
+    second thread.  ``digests`` once the end was read with hash (else None).
+    Closing frees the C reader and calls ``on_close`` (e.g. closing the
+    compressed file)."""
+
+    def __init__(self, fd: int, compression: int = COMP_AUTO, name: Optional[str] = None,
+                 on_close: Optional[Callable[[], None]] = None, hash: bool = True):
+        super().__init__()
+        self._name = name or "<stream>"
+        self._on_close = on_close
+        self._hash = hash
+        self._eof = False
+        self.digests: Optional[Digests] = None
+        p = ffi.new("lfs_reader **")
+        err = _new_error()
+        rc = lib.lfs_reader_open(p, fd, compression, int(hash), err)
+        if rc < 0:
+            _raise(rc, err, source=self._name)
+        self._r = p[0]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._r is None:
+            raise ValueError("I/O operation on closed reader")
+        m = memoryview(b).cast("B")
+        if not len(m) or self._eof:
+            return 0
+        err = _new_error()
+        n = lib.lfs_reader_read(self._r, ffi.from_buffer(m), len(m), err)
+        if n < 0:
+            _raise(n, err, source=self._name)
+        if n == 0:
+            out = ffi.new("lfs_digests *")
+            rc = lib.lfs_reader_finish(self._r, out, err)
+            if rc < 0:
+                _raise(rc, err, source=self._name)
+            self._eof = True
+            if self._hash:
+                self.digests = _digests(out[0])
+        return n
+
+    def close(self) -> None:
+        if self._r is not None:
+            r, self._r = self._r, None
+            lib.lfs_reader_free(r)
+            if self._on_close is not None:
+                self._on_close()
+        super().close()
 
 
 def sha256_fd(fd: int, name: Optional[str] = None) -> Tuple[str, int]:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import errno
-import gzip
 import hashlib
 import io
 import os
@@ -21,6 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import BinaryIO, Dict, Iterator, Optional, Tuple
 
+from .. import _native
 from .._io import lexical_parts
 from ..errors import DigestMismatch, LayerError, NotFound
 from .manifest import FormatError, Where, detect_compression
@@ -224,6 +224,14 @@ def refuse_unseekable(path: str, why: str) -> None:
         raise LayerError(errno.ESPIPE, f"{kind}: {why}; write it to a file first", path)
 
 
+def big_temp_dir() -> Optional[str]:
+    """Where a decompressed image tarball goes: $TMPDIR, else /var/tmp, as
+    Podman puts its image copies (/tmp is often a small tmpfs)."""
+    if os.environ.get("TMPDIR"):
+        return None                       # tempfile's own choice: $TMPDIR
+    return "/var/tmp" if os.access("/var/tmp", os.W_OK | os.X_OK) else None
+
+
 class TarFiles:
     """The members of an image tarball, read in place.
 
@@ -271,30 +279,18 @@ class TarFiles:
             raw.close()
 
     def _decompress(self, fd: int, comp: str) -> int:
-        tmp = tempfile.TemporaryFile(prefix="layerfs-image-")
-        src = os.fdopen(os.dup(fd), "rb")
+        tmp = tempfile.TemporaryFile(prefix="layerfs-image-", dir=big_temp_dir())
         try:
-            if comp == "gzip":
-                reader: BinaryIO = gzip.GzipFile(fileobj=src, mode="rb")
-            else:
-                import zstandard
-                reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+            os.lseek(fd, 0, os.SEEK_SET)
             try:
-                while True:
-                    chunk = reader.read(CHUNK)
-                    if not chunk:
-                        break
-                    tmp.write(chunk)
-            except (OSError, EOFError, ValueError) as e:
-                if isinstance(e, LayerError):
+                _native.decompress(fd, tmp.fileno(), _native.COMPRESSION_CODES[comp], self.path)
+            except LayerError as e:
+                if e.errno != errno.EINVAL:         # not the data's fault (a full disk...)
                     raise
-                raise FormatError(f"cannot decompress {comp} tarball: {e}", self.path) from None
-            finally:
-                reader.close()
-            tmp.flush()
+                raise FormatError(f"cannot decompress {comp} tarball: {e.strerror}",
+                                  self.path) from None
             return os.dup(tmp.fileno())
         finally:
-            src.close()
             tmp.close()
 
     def _add(self, ti: tarfile.TarInfo) -> None:

@@ -6,9 +6,12 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
+from .. import _native
+from .._io import _real_fileno
 from ..errors import DigestMismatch, NotFound
 from ._io import VerifyingReader, read_limited
 from .manifest import (MAX_JSON_BLOB, Descriptor, FormatError, ImageConfig, Platform, Where,
@@ -96,8 +99,22 @@ class ImageToWrite:
 
 def open_decompressed(stream: BinaryIO, media_type: Optional[str] = None) -> BinaryIO:
     """A stream of the uncompressed tar of a layer blob (gzip, zstd or plain,
-    detected from the first bytes)."""
+    detected from the first bytes); closing it closes stream.  A blob that is a
+    file is decompressed by the C core, ahead in a second thread."""
     import io
+    fd = _real_fileno(stream)
+    if fd is not None:
+        try:
+            pos = stream.tell()
+            head = os.pread(fd, 4, pos)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            head = b""
+        if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+            os.lseek(fd, pos, os.SEEK_SET)
+            name = getattr(stream, "name", None)
+            raw = _native.DecompressedReader(fd, name=name if isinstance(name, str) else None,
+                                             on_close=stream.close, hash=False)
+            return io.BufferedReader(raw, 1 << 20)  # type: ignore[return-value]
     buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
     head = buffered.peek(4)[:4]
     if head[:2] == b"\x1f\x8b":

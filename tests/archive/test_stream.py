@@ -604,3 +604,78 @@ def test_sha256_fd_bad_fd(tmp_path):
         assert ei.value.errno == errno.EISDIR
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- decompress, reader
+
+@pytest.mark.parametrize("fmt", ["plain", "gzip", "zstd"])
+def test_decompress_to_fd_and_reader(big_tar, fmt, tmp_path):
+    blob = {"plain": lambda d: d, "gzip": gzip_cli, "zstd": zstd_cli}[fmt](big_tar)
+    src = tmp_path / "blob"
+    src.write_bytes(blob)
+    out = tmp_path / "out"
+    with open(src, "rb") as i, open(out, "wb") as o:
+        d = _native.decompress(i.fileno(), o.fileno())
+    assert out.read_bytes() == big_tar
+    check(d, blob, big_tar, "none" if fmt == "plain" else fmt)
+
+    with open(src, "rb") as i:
+        r = _native.DecompressedReader(i.fileno())
+        got = bytearray()
+        for size in (1, 511, 70000, 1 << 20, 3 << 20):     # reads of every size
+            piece = r.read(size)
+            got += piece
+        while True:
+            piece = r.read(1 << 20)
+            if not piece:
+                break
+            got += piece
+        assert bytes(got) == big_tar and r.read(10) == b""
+        check(r.digests, blob, big_tar, "none" if fmt == "plain" else fmt)
+        r.close()
+
+
+def test_reader_without_hash_closed_early_and_on_close(big_tar, tmp_path):
+    src = tmp_path / "blob.zst"
+    src.write_bytes(zstd_cli(big_tar))
+    closed = []
+    f = open(src, "rb")
+    r = _native.DecompressedReader(f.fileno(), hash=False, on_close=lambda: (closed.append(1), f.close()))
+    assert r.read(1000) == big_tar[:1000]
+    r.close()                     # mid-stream: the decompressing thread is stopped, no hang
+    assert closed == [1] and f.closed
+    with pytest.raises(ValueError):
+        r.read(10)
+    with open(src, "rb") as f2:
+        r = _native.DecompressedReader(f2.fileno(), hash=False)
+        while r.read(1 << 20):
+            pass
+        assert r.digests is None
+        r.close()
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_decompress_damaged_input_is_einval(small_tar, fmt, tmp_path):
+    blob = (gzip_cli if fmt == "gzip" else zstd_cli)(small_tar)
+    src = tmp_path / "blob"
+    src.write_bytes(blob[:len(blob) // 2])
+    with open(src, "rb") as i, open(tmp_path / "out", "wb") as o:
+        with pytest.raises(LayerError) as ei:
+            _native.decompress(i.fileno(), o.fileno(), name="blob")
+    assert ei.value.errno == errno.EINVAL and ei.value.filename == "blob"
+    with open(src, "rb") as i:
+        r = _native.DecompressedReader(i.fileno(), name="blob")
+        with pytest.raises(LayerError) as ei:
+            while r.read(1 << 20):
+                pass
+        r.close()
+    assert ei.value.errno == errno.EINVAL
+
+
+def test_decompress_into_a_full_disk_names_the_byte(small_tar, tmp_path):
+    src = tmp_path / "blob.gz"
+    src.write_bytes(gzip_cli(small_tar))
+    with open(src, "rb") as i, open("/dev/full", "wb") as o:
+        with pytest.raises(LayerError) as ei:
+            _native.decompress(i.fileno(), o.fileno())
+    assert ei.value.errno == errno.ENOSPC and "decompressed stream at byte 0" in str(ei.value)

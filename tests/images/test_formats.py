@@ -208,6 +208,32 @@ def test_layout_tarball_read_in_place(simple_layout, compress, tmp_path):
     assert trees_equal(ref, dest) == []
 
 
+@pytest.mark.parametrize("compress", ["gzip", "zstd"])
+def test_damaged_compressed_layout_tarball_is_a_format_error(simple_layout, compress, tmp_path):
+    tar_path = _tar_layout(simple_layout["layout"], str(tmp_path / "layout.tar"), compress)
+    data = open(tar_path, "rb").read()
+    cut = str(tmp_path / ("cut." + compress))
+    with open(cut, "wb") as f:
+        f.write(data[:len(data) // 2])
+    flipped = str(tmp_path / ("flipped." + compress))
+    with open(flipped, "wb") as f:
+        f.write(data[:64] + bytes(b ^ 0x5A for b in data[64:4096]) + data[4096:])
+    for bad in (cut, flipped):
+        with pytest.raises(FormatError) as ei:
+            with open_image_source(bad):
+                pass
+        assert ei.value.filename == os.path.abspath(bad)
+        assert f"cannot decompress {compress} tarball" in str(ei.value)
+
+
+def test_compressed_tarball_decompresses_into_var_tmp(simple_layout, tmp_path, monkeypatch):
+    from layerfs.images._io import big_temp_dir
+    monkeypatch.delenv("TMPDIR", raising=False)
+    assert big_temp_dir() == "/var/tmp"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert big_temp_dir() is None           # tempfile's choice: TMPDIR
+
+
 def test_tar_member_stream_stops_at_member_end(simple_layout, tmp_path):
     """A layer read from a tarball must end where the member ends, even when the
     next member is another tar."""
