@@ -7,32 +7,36 @@ import sys
 import click
 
 
-def json_text(doc) -> str:
-    """doc as JSON: an object's members one per line, a list's items one per
-    line, each member or item on its own line in compact form.  Lines stay
-    readable and greppable (one change, image or layer per line), and each is
-    encoded by json's C encoder: an indented dump of a large diff goes through
-    the pure-Python encoder, about ten times slower."""
+LINE = 1000    # a value whose compact form fits in this many characters takes one line
+
+
+def json_text(doc, width: int = LINE) -> str:
+    """doc as indented JSON in which every value that fits on one line (a diff
+    change, an image, a layer record) is written on one line in compact form.
+    The output stays readable and greppable (one change per line), and json's
+    C encoder writes every line: indenting a whole large diff with json's
+    pure-Python encoder is several times slower.  width: the longest line a
+    value is kept on (documents read by eye, like inspect, take a short one)."""
     dumps = json.dumps
 
-    def block(items, open_: str, close: str) -> str:
-        if not items:
-            return open_ + close
-        return open_ + "\n" + ",\n".join(items) + "\n" + close
+    def value(v, indent: str, top: bool = False) -> str:
+        if not isinstance(v, (dict, list)) or not v:
+            return dumps(v)
+        if not top and 3 * len(v) < width:       # (more items cannot fit at all)
+            flat = dumps(v)
+            if len(indent) + len(flat) <= width:
+                return flat
+        inner = indent + "  "
+        if isinstance(v, dict):
+            items = [f"{inner}{dumps(k)}: {value(x, inner)}" for k, x in v.items()]
+            return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+        return "[\n" + ",\n".join(inner + value(x, inner) for x in v) + "\n" + indent + "]"
 
-    def value(v, indent: str) -> str:
-        if isinstance(v, list) and v:
-            inner = indent + "  "
-            return block([inner + dumps(x) for x in v], "[", indent + "]")
-        return dumps(v)
-
-    if isinstance(doc, dict):
-        return block([f"  {dumps(k)}: {value(v, '  ')}" for k, v in doc.items()], "{", "}")
-    return value(doc, "")
+    return value(doc, "", top=True)
 
 
-def emit_json(doc) -> None:
-    click.echo(json_text(doc))
+def emit_json(doc, width: int = LINE) -> None:
+    click.echo(json_text(doc, width))
 
 
 def progress_enabled(quiet: bool) -> bool:

@@ -400,7 +400,7 @@ def inspect_cmd(store, refs):
                 img.manifest_media_type, "Created": img.created, "Platform": img.platform,
                 "Mounted": s.mounted_path(img), "Source": img.source,
                 "Layers": layers, "Manifest": manifest, "Config": config})
-    emit_json(out)
+    emit_json(out, width=100)                # read by eye, as docker inspect
     return 0
 
 

@@ -524,3 +524,18 @@ def test_digest_of_a_gzip_layer_matches_its_tar(tmp_path):
     doc = json.loads(p.stdout)["files"][0]
     assert doc["digest"] == "sha256:" + hashlib.sha256(gz.read_bytes()).hexdigest()
     assert doc["diff_id"] == "sha256:" + hashlib.sha256(tar.read_bytes()).hexdigest()
+
+
+def test_json_text_keeps_what_fits_on_a_line():
+    from layerfs.cli._output import json_text
+    doc = {"version": 1, "small": {"a": [1, 2]}, "empty": [], "items": [{"p": "/x" * i} for i in range(5)],
+           "big": {"k": "v" * 300, "l": list(range(3))}}
+    text = json_text(doc, width=100)
+    assert json.loads(text) == doc
+    lines = text.splitlines()
+    assert '  "small": {"a": [1, 2]},' in lines and '  "empty": [],' in lines
+    for i in range(5):               # each list item on a line of its own
+        assert sum(json.dumps({"p": "/x" * i}) in l for l in lines) == 1
+    assert '    "l": [0, 1, 2]' in lines  # too long as a whole, its short parts stay whole
+    assert all(len(l) <= 100 for l in lines if '"v' not in l)
+    assert json.loads(json_text(list(range(1000)))) == list(range(1000))
