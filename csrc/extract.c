@@ -506,19 +506,21 @@ static int note_opened(ctx *c, int fd, mode_t mode)
     return 0;
 }
 
-/* When err is EACCES, open up directory dfd; 1 when it did (try again), else 0. */
+/* When err is EACCES, open up directory dfd; 1 when it did (try again), else 0
+ * with errno as it was (the caller reports the first failure). */
 static int open_up(ctx *c, int dfd, int err)
 {
     struct stat st;
-    if (err != EACCES || !c->defer_dir_mode || fstat(dfd, &st) < 0 || !can_open_up(c, &st))
-        return 0;
-    mode_t mode = st.st_mode & 07777;
-    if (fchmod(dfd, mode | S_IRWXU) < 0) return 0;
-    if (note_opened(c, dfd, mode) < 0) {
-        fchmod(dfd, mode);
-        return 0;
+    int saved = errno, ok = 0;
+    if (err == EACCES && c->defer_dir_mode && fstat(dfd, &st) == 0 && can_open_up(c, &st)) {
+        mode_t mode = st.st_mode & 07777;
+        if (fchmod(dfd, mode | S_IRWXU) == 0) {
+            ok = note_opened(c, dfd, mode) == 0;
+            if (!ok) fchmod(dfd, mode);
+        }
     }
-    return 1;
+    if (!ok) errno = saved;
+    return ok;
 }
 
 /* open_up for directory name in pfd, which cannot even be opened: found
