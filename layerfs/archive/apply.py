@@ -85,10 +85,13 @@ class _Staging:
 
     def __init__(self, dest: str):
         self.dest = dest
-        parent = os.path.dirname(os.path.abspath(dest)) or "."
+        # a relative dest stays relative: the working directory's parents may be
+        # closed to this user
+        parent = os.path.dirname(os.path.normpath(dest)) or "."
         os.makedirs(parent, exist_ok=True)
-        base = os.path.basename(os.path.abspath(dest))
-        self.path = tempfile.mkdtemp(prefix=f".{base}.new-", dir=parent)
+        base = os.path.basename(os.path.normpath(dest))
+        made = tempfile.mkdtemp(prefix=f".{base}.new-", dir=parent)
+        self.path = os.path.join(parent, os.path.basename(made))
         mode = 0o755
         try:
             st = os.stat(dest)

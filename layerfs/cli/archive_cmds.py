@@ -45,7 +45,7 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
     target = os.path.realpath(dest) if os.path.islink(dest) and os.path.isdir(dest) else dest
     made = _missing_parents(target)             # made for DEST; removed again on failure
     if not _populated_dir(target):
-        _check_can_make(dest, made[-1] if made else os.path.dirname(os.path.abspath(target)))
+        _check_can_make(dest, made[-1] if made else os.path.dirname(os.path.normpath(target)))
     try:
         results = unpack_layers(layers, target, whiteouts=whiteouts, owners=owners,
                                 skip_devices=skip_devices, no_xattrs=no_xattrs,
@@ -84,9 +84,9 @@ def _populated_dir(path: str) -> bool:
 def _missing_parents(dest: str):
     """DEST's ancestors that do not exist yet, deepest first."""
     out = []
-    p = os.path.dirname(os.path.abspath(dest))
-    while p != os.path.dirname(p) and not os.path.lexists(p):
-        out.append(p)
+    p = os.path.dirname(os.path.normpath(dest))     # relative stays relative: the working
+    while p and p != os.path.dirname(p) and not os.path.lexists(p):    # directory's parents
+        out.append(p)                               # may be closed to this user
         p = os.path.dirname(p)
     return out
 
@@ -94,9 +94,9 @@ def _missing_parents(dest: str):
 def _check_can_make(dest: str, where: str) -> None:
     """A missing or empty DEST is built in a directory staged beside it: refuse
     early, naming the directory, when this user cannot create anything there."""
-    anc = where
+    anc = where or "."
     while not os.path.lexists(anc) and anc != os.path.dirname(anc):
-        anc = os.path.dirname(anc)
+        anc = os.path.dirname(anc) or "."
     if os.path.isdir(anc) and not os.access(anc, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (cannot make "
                               f"{dest} in this directory)", anc)

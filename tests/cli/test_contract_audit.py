@@ -7,7 +7,9 @@ Every case runs `python -m layerfs` (or layerfs.cli.main in a child process) for
 from __future__ import annotations
 
 import json
+import io
 import os
+import tarfile
 import signal
 import subprocess
 import sys
@@ -539,3 +541,24 @@ def test_json_text_keeps_what_fits_on_a_line():
     assert '    "l": [0, 1, 2]' in lines  # too long as a whole, its short parts stay whole
     assert all(len(l) <= 100 for l in lines if '"v' not in l)
     assert json.loads(json_text(list(range(1000)))) == list(range(1000))
+
+
+def test_unpack_relative_dest_under_a_closed_parent(tmp_path):
+    """The working directory is nobody's, its parents are root's 0700: relative
+    names must do (as they do for tar)."""
+    os.chmod(tmp_path, 0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    layer = work / "l.tar"
+    with tarfile.open(layer, "w") as tf:
+        ti = tarfile.TarInfo("etc/hostname")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"box"))
+    for p in (work, layer):
+        os.chown(p, 65534, 65534)
+    os.chmod(tmp_path, 0o700)
+    for dest in ("out", "sub/deeper/out", "./out2/"):
+        p = as_nobody("unpack", "-q", "--owners", "skip", "l.tar", dest, cwd=work)
+        assert p.returncode == 0, (dest, p.stderr)
+        assert (work / dest / "etc/hostname").read_bytes() == b"box"
+    assert sorted(n for n in os.listdir(work) if n.startswith(".")) == []   # no staging left
