@@ -480,12 +480,6 @@ static int read_umask(mode_t *out)
  * removes from it.  Where we own it, it gets u+rwx until the end of the layer
  * (restore_opened puts its mode back), as a rootless unpack must. */
 
-/* Would u+rwx let us into a directory of this stat? */
-static int can_open_up(ctx *c, const struct stat *st)
-{
-    return S_ISDIR(st->st_mode) && st->st_uid == c->fsuid && (st->st_mode & S_IRWXU) != S_IRWXU;
-}
-
 /* Note directory fd, whose mode was mode, as opened up; 0, or -1 when it cannot
  * be noted (the caller puts the mode back). */
 static int note_opened(ctx *c, int fd, mode_t mode)
@@ -512,7 +506,8 @@ static int open_up(ctx *c, int dfd, int err)
 {
     struct stat st;
     int saved = errno, ok = 0;
-    if (err == EACCES && c->defer_dir_mode && fstat(dfd, &st) == 0 && can_open_up(c, &st)) {
+    if (err == EACCES && c->defer_dir_mode && fstat(dfd, &st) == 0 && S_ISDIR(st.st_mode) &&
+        st.st_uid == c->fsuid && (st.st_mode & S_IRWXU) != S_IRWXU) {
         mode_t mode = st.st_mode & 07777;
         if (fchmod(dfd, mode | S_IRWXU) == 0) {
             ok = note_opened(c, dfd, mode) == 0;
@@ -520,27 +515,6 @@ static int open_up(ctx *c, int dfd, int err)
         }
     }
     if (!ok) errno = saved;
-    return ok;
-}
-
-/* open_up for directory name in pfd, which cannot even be opened: found
- * without reading it (O_PATH) and changed through /proc/self/fd. */
-static int open_up_at(ctx *c, int pfd, const char *name)
-{
-    int pf = openat(pfd, name, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
-    if (pf < 0) return 0;
-    struct stat st;
-    char proc[32];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pf);
-    int ok = 0;
-    if (fstat(pf, &st) == 0 && can_open_up(c, &st) &&
-        chmod(proc, (st.st_mode & 07777) | S_IRWXU) == 0) {
-        int fd = open(proc, DIR_FLAGS);
-        ok = fd >= 0 && note_opened(c, fd, st.st_mode & 07777) == 0;
-        if (fd >= 0) close(fd);
-        if (!ok) chmod(proc, st.st_mode & 07777);
-    }
-    close(pf);
     return ok;
 }
 
@@ -554,11 +528,16 @@ static int open_dir_up(ctx *c, int pfd, const char *name)
         fd = openat(pfd, name, DIR_FLAGS | O_NOFOLLOW);
         if (fd >= 0 || errno != EACCES) return fd;
     }
-    if (!open_up_at(c, pfd, name)) {
+    /* the directory itself is closed to us: opened up by name */
+    mode_t was;
+    fd = lfs_open_opening_up(pfd, name, DIR_FLAGS, S_IFDIR, S_IRWXU, c->fsuid, 1, &was);
+    if (fd >= 0 && note_opened(c, fd, was) < 0) {
+        fchmod(fd, was);
+        close(fd);
         errno = EACCES;
         return -1;
     }
-    return openat(pfd, name, DIR_FLAGS | O_NOFOLLOW);
+    return fd;
 }
 
 /* Run expr (an int, < 0 with errno set on failure) again if it failed for want

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/openat2.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -531,4 +532,31 @@ int lfs_pwrite_full(int fd, const void *buf, size_t n, off_t off)
         off += w;
     }
     return 0;
+}
+
+int lfs_open_opening_up(int dirfd, const char *name, int flags, int type, mode_t add,
+                        uid_t uid, int keep, mode_t *was)
+{
+    int fd = openat(dirfd, name, flags | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0 || errno != EACCES) return fd;
+    int pf = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (pf < 0) {
+        errno = EACCES;
+        return -1;
+    }
+    struct stat st;
+    char proc[32];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pf);
+    fd = -1;
+    int e = EACCES;
+    if (fstat(pf, &st) == 0 && (int)(st.st_mode & S_IFMT) == type && st.st_uid == uid &&
+        (st.st_mode & add) != add && chmod(proc, (st.st_mode & 07777) | add) == 0) {
+        *was = st.st_mode & 07777;
+        fd = open(proc, flags | O_CLOEXEC);
+        if (fd < 0) e = errno;
+        if (!keep || fd < 0) chmod(proc, st.st_mode & 07777);
+    }
+    close(pf);
+    if (fd < 0) errno = e;
+    return fd;
 }

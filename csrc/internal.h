@@ -218,6 +218,14 @@ int lfs_open_dir_in_root_ex(int root_fd, const char *path, int create, int use_o
  * One openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) call when use_openat2 and
  * the kernel has it, else one O_NOFOLLOW step per component. */
 int lfs_open_dir_beneath(int dfd, const char *rel, size_t len, int use_openat2);
+/* Open name in dirfd (never following it) with flags.  Without read or search
+ * permission on a file of type `type` (S_IFDIR, S_IFREG) that uid owns, it is
+ * found without being read (O_PATH), given the mode bits `add` through
+ * /proc/self/fd (an O_PATH fd takes no fchmod) and opened; *was gets its mode
+ * before.  keep: the bits stay (the caller puts the mode back), else they go at
+ * once.  The fd, or -1 with errno (the first failure's when none of that applies). */
+int lfs_open_opening_up(int dirfd, const char *name, int flags, int type, mode_t add,
+                        uid_t uid, int keep, mode_t *was);
 /* rm -rf of dirfd/name, never following symlinks; a missing name is not an error. */
 int lfs_remove_at(int dirfd, const char *name, lfs_error *err);
 /* write(2) / pwrite(2) all n bytes, retrying on EINTR and short writes: 0 or -errno. */

@@ -535,36 +535,17 @@ static int blob_feed(lfs_rec *r, const unsigned char *p, size_t n, int end, uint
     }
 }
 
-/* Keep the content of operation f (its file is dirfd/name) in the record. */
 /* Open dirfd/name for reading.  Without root, a file of ours that a layer
- * made unreadable (mode 0000, 0200) is opened through a moment of u+r: found
- * without reading it (O_PATH), changed through /proc/self/fd, put back. */
+ * made unreadable (mode 0000, 0200; Fedora's /etc/shadow) is read through a
+ * moment of u+r. */
 static int open_own_file(int dirfd, const char *name)
 {
-    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    if (fd >= 0 || errno != EACCES) return fd;
-    int pf = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (pf < 0) {
-        errno = EACCES;
-        return -1;
-    }
-    struct stat st;
-    char proc[32];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pf);
-    fd = -1;
-    if (fstat(pf, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
-        !(st.st_mode & S_IRUSR) && chmod(proc, (st.st_mode & 07777) | S_IRUSR) == 0) {
-        fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-        int e = errno;
-        chmod(proc, st.st_mode & 07777);
-        errno = e;
-    } else {
-        errno = EACCES;
-    }
-    close(pf);
-    return fd;
+    mode_t was;
+    return lfs_open_opening_up(dirfd, name, O_RDONLY | O_NOCTTY | O_NONBLOCK, S_IFREG, S_IRUSR,
+                               geteuid(), 0, &was);
 }
 
+/* Keep the content of operation f (its file is dirfd/name) in the record. */
 static int capture(lfs_rec *r, fent *f, int dirfd, const char *name, lfs_error *err)
 {
     size_t seq = (size_t)(f - r->f);
@@ -1272,7 +1253,7 @@ static int open_file(rd *r, size_t plen, int64_t realsize)
     if (st.st_size != realsize)
         return changed(r, "'%s' has %lld bytes, the record says %lld", r->path,
                        (long long)st.st_size, (long long)realsize);
-    int fd = open_own_file(r->dfd, base);       /* (Fedora's /etc/shadow is 0000) */
+    int fd = open_own_file(r->dfd, base);
     if (fd < 0) return lfs_fail(r->err, errno, -1, r->path, NULL, "cannot open the file");
     return fd;
 }

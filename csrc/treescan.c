@@ -621,7 +621,6 @@ typedef struct comparer {
     lfs_error err;
 } comparer;
 
-/* "base/rel" into buf (PATH_MAX); 0, or -1 when too long. */
 /* buf (PATH_MAX) = base + "/" + rel[0..rl) (just base when rl is 0): 0, or -1
  * when it would not fit. */
 static int join_path_n(char *buf, const char *base, size_t base_len, const char *rel, size_t rl)
@@ -638,6 +637,7 @@ static int join_path_n(char *buf, const char *base, size_t base_len, const char 
     return 0;
 }
 
+/* "base/rel" into buf (PATH_MAX); 0, or -1 when too long. */
 static int join_path(char *buf, const char *base, size_t base_len, const char *rel)
 {
     return join_path_n(buf, base, base_len, rel, strlen(rel));
