@@ -15,7 +15,7 @@ from .._io import _real_fileno
 from ..errors import DigestMismatch, NotFound
 from ._io import VerifyingReader, read_limited
 from .manifest import (MAX_JSON_BLOB, Descriptor, FormatError, ImageConfig, Platform, Where,
-                       check_digest, parse_config, verify_blob)
+                       check_digest, detect_compression, parse_config, verify_blob)
 
 
 @dataclass
@@ -109,18 +109,18 @@ def open_decompressed(stream: BinaryIO, media_type: Optional[str] = None) -> Bin
             head = os.pread(fd, 4, pos)
         except (OSError, ValueError, io.UnsupportedOperation):
             head = b""
-        if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+        if detect_compression(head) != "none":
             os.lseek(fd, pos, os.SEEK_SET)
             name = getattr(stream, "name", None)
             raw = _native.DecompressedReader(fd, name=name if isinstance(name, str) else None,
                                              on_close=stream.close, hash=False)
             return io.BufferedReader(raw, 1 << 20)  # type: ignore[return-value]
     buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
-    head = buffered.peek(4)[:4]
-    if head[:2] == b"\x1f\x8b":
+    comp = detect_compression(buffered.peek(4)[:4])
+    if comp == "gzip":
         import gzip
         return gzip.GzipFile(fileobj=buffered, mode="rb")
-    if head[:4] == b"\x28\xb5\x2f\xfd":
+    if comp == "zstd":
         import zstandard
         return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True,
                                                           closefd=True)
