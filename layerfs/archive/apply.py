@@ -76,6 +76,12 @@ def _is_empty_dir(path: str) -> bool:
         raise LayerError(20, "destination is not a directory", path) from None
 
 
+def stages(dest: str) -> bool:
+    """Whether unpack_layers builds dest in a staging directory beside it (dest
+    missing or an empty directory) rather than writing into it."""
+    return not os.path.lexists(dest) or _is_empty_dir(dest)
+
+
 class _Staging:
     """A new directory staged beside ``dest`` and renamed into place on success.
 
@@ -199,7 +205,7 @@ def unpack_layers(sources: Iterable[Source], dest, *, compression: str = "auto",
         raise ValueError("records must give one record output (or None) per layer")
     comp = _compression_code(compression)
     dest = os.fsdecode(dest)
-    staged = not os.path.lexists(dest) or _is_empty_dir(dest)
+    staged = stages(dest)
     if not staged:
         _read_through(sources, comp)
     stage = _Staging(dest) if staged else None

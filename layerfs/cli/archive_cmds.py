@@ -10,6 +10,7 @@ import click
 from . import cli
 from ._output import emit_json, human_size, progress, progress_enabled
 from ..archive import unpack_layers
+from ..archive.apply import stages
 from ..digest import chain_id, layer_digests
 
 JSON_VERSION = 1
@@ -44,7 +45,7 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
     # of an empty one is renamed onto it, which a symlink in its place refuses)
     target = os.path.realpath(dest) if os.path.islink(dest) and os.path.isdir(dest) else dest
     made = _missing_parents(target)             # made for DEST; removed again on failure
-    if not _populated_dir(target):
+    if stages(target):
         _check_can_make(dest, made[-1] if made else os.path.dirname(os.path.normpath(target)))
     try:
         results = unpack_layers(layers, target, whiteouts=whiteouts, owners=owners,
@@ -71,14 +72,6 @@ def unpack(layers, dest, as_json, whiteouts, owners, skip_devices, no_xattrs, qu
         click.echo(f"chain_id {chain}")
     progress(f"unpacked {len(results)} layer(s) into {dest} in {time.monotonic() - start:.2f}s", show)
     return 0
-
-
-def _populated_dir(path: str) -> bool:
-    try:
-        with os.scandir(path) as it:
-            return next(it, None) is not None
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 def _missing_parents(dest: str):
