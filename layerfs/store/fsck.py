@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import List
 
 from ..digest import chain_ids, sha256_file
-from ..errors import NotFound
+from ..errors import DigestMismatch, NotFound
 from ..images.manifest import FormatError, Where, layer_compression, parse_config, parse_manifest
 from . import _tarsplit
 from .progress import NULL, Progress
 from ._fs import read_record
-from .records import ImageRecord, LayerRecord, hex_of
+from .records import ImageRecord, LayerRecord, check_reuse, hex_of
 
 __all__ = ["Problem", "FsckReport", "fsck"]
 
@@ -168,11 +168,10 @@ def fsck(store, *, content: bool = True, progress: Progress = NULL) -> FsckRepor
                 if rec is None:
                     bad(Problem(what, f"layer {l.chain_id} is missing"))
                     continue
-                parent = img.layers[i - 1].chain_id if i else None
-                if rec.diff_id != l.diff_id or rec.parent != parent:
-                    bad(Problem(what, f"layer {l.chain_id} is stored with DiffID {rec.diff_id} "
-                                      f"on parent {rec.parent or '(none)'}; the image has "
-                                      f"DiffID {l.diff_id} on parent {parent or '(none)'}"))
+                try:
+                    check_reuse(rec, img.layers[i - 1].chain_id if i else None, l.diff_id, what)
+                except DigestMismatch as e:
+                    bad(Problem(what, e.strerror))
                 if l.digest in blobs:
                     continue
                 try:

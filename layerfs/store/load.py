@@ -37,7 +37,8 @@ from ..images.manifest import (OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_
                                sha256_bytes)
 from ._fs import copy_blob_file, fsync_dir, remove_path, tmp_name, write_json_atomic
 from .progress import NULL, Progress, Task, watching
-from .records import ImageLayer, ImageRecord, LayerRecord, hex_of
+from .records import ImageLayer, ImageRecord, LayerRecord, check_reuse, hex_of
+from .store import tag_names
 
 __all__ = ["LoadedImage", "load", "import_rootfs", "create_layer", "MAX_LAYERS"]
 
@@ -95,17 +96,6 @@ def _fetch(store, src, desc: Descriptor) -> str:
         remove_path(tmp)
         raise
     return tmp
-
-
-def check_reuse(rec: LayerRecord, parent: Optional[str], diff_id: str, label: str) -> None:
-    """A stored layer is reused only as what it is: the same DiffID on the same
-    parent.  A ChainID alone does not say so: a bottom layer's ChainID is its
-    DiffID, which an image may claim to be any other layer's ChainID."""
-    if rec.diff_id != diff_id or rec.parent != parent:
-        raise DigestMismatch(
-            f"layer {rec.chain_id} is stored with DiffID {rec.diff_id} on parent "
-            f"{rec.parent or '(none)'}; the image gives DiffID {diff_id} on parent "
-            f"{parent or '(none)'}", label)
 
 
 def create_layer(store, chain_id: str, parent: Optional[str], diff_id: str,
@@ -308,24 +298,14 @@ def _load_image(store, src, img: SourceImage, names: Optional[List[str]],
         store.put_image(rec_img)
     out.image = rec_img
     known.note(rec_img)
-    want = list(names) if names is not None else _tag_names(img.names)
+    want = list(names) if names is not None else _without_digests(img.names)
     store.set_names(img.manifest_digest, want)
     out.names = store.names_of(img.manifest_digest)
     out.tags = [] if want else list(img.tags)
     return out
 
 
-def _checked_names(names: List[str]) -> List[str]:
-    """The names to give, checked before anything is stored (ReferenceError, or
-    ValueError for a name with a digest: an image is named by tags only)."""
-    from ..images import parse_reference
-    for n in names:
-        if parse_reference(n).digest:
-            raise ValueError(f"cannot name an image with a digest reference: {n!r}")
-    return list(names)
-
-
-def _tag_names(names: List[str]) -> List[str]:
+def _without_digests(names: List[str]) -> List[str]:
     """A source's names without those that carry a digest: such a name states
     the image's digest, which is the store's to know, not the source's to say."""
     from ..images import parse_reference
@@ -339,7 +319,7 @@ def load(store, source, *, platform: Union[Platform, str, None] = None,
     transport reference; an index narrowed to ``platform``).  ``base_name`` turns
     bare OCI tags into names; ``names`` replaces the source's names."""
     if names is not None:
-        names = _checked_names(names)
+        names = tag_names(names)     # checked before anything is stored
     with store.reading():
         with open_image_source(source, platform=platform, base_name=base_name) as src:
             images = src.images()
@@ -378,7 +358,7 @@ def import_rootfs(store, tarball, name: Optional[str] = None, *,
     entry, an OCI manifest; named ``name`` when given."""
     tarball = os.fspath(tarball)
     if name:
-        _checked_names([name])
+        tag_names([name])
     refuse_unseekable(tarball, "a rootfs tarball is read twice")
     plat = current_platform() if platform is None else \
         parse_platform(platform) if isinstance(platform, str) else platform

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..errors import DigestMismatch
+
 RECORD_VERSION = 1
 
 
@@ -52,6 +54,17 @@ class LayerRecord:
         return cls(d["chain_id"], d["diff_id"], d.get("parent"), int(d.get("tar_size", 0)),
                    float(d.get("created", 0)), d.get("driver", ""), bool(d.get("record")),
                    int(d.get("record_size", 0)), int(d.get("entries", 0)))
+
+
+def check_reuse(rec: LayerRecord, parent: Optional[str], diff_id: str, label: str) -> None:
+    """A stored layer is reused only as what it is: the same DiffID on the same
+    parent.  A ChainID alone does not say so: a bottom layer's ChainID is its
+    DiffID, which an image may claim to be any other layer's ChainID."""
+    if rec.diff_id != diff_id or rec.parent != parent:
+        raise DigestMismatch(
+            f"layer {rec.chain_id} is stored with DiffID {rec.diff_id} on parent "
+            f"{rec.parent or '(none)'}; the image gives DiffID {diff_id} on parent "
+            f"{parent or '(none)'}", label)
 
 
 @dataclass

@@ -66,6 +66,16 @@ class AmbiguousReference(LayerError, ValueError):
         LayerError.__init__(self, errno.EINVAL, message, filename)
 
 
+def tag_names(names: Iterable[str]) -> List[str]:
+    """names normalised, each a tag: a reference with a digest cannot name an
+    image (ValueError), nor can a bad one (ReferenceError)."""
+    out = [str(reference.parse(n)) for n in names]
+    for n in out:
+        if reference.parse(n).digest:
+            raise ValueError(f"cannot name an image with a digest reference: {n!r}")
+    return out
+
+
 @dataclass
 class Resolved:
     """An image found by a reference, and how it was named."""
@@ -340,10 +350,7 @@ class Store:
     def set_names(self, manifest_digest: str, new_names: Iterable[str]) -> None:
         """Point names at an image (moving them from any other image, as docker tag does).
         Names are tags: a reference with a digest is refused (ValueError)."""
-        new = [str(reference.parse(n)) for n in new_names]
-        for n in new:
-            if reference.parse(n).digest:
-                raise ValueError(f"cannot name an image with a digest reference: {n!r}")
+        new = tag_names(new_names)
         if not new:
             return
         with self._meta():
