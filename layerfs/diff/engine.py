@@ -43,7 +43,7 @@ import threading
 
 from .. import _native
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Collection, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 from .sources import (COARSE, IMPLICIT, OPAQUE, DirectorySource, EntryMeta, LayerInfo,
                       LayerStackSource, Source, SourceArg, _in_thread, _Task, open_source,
@@ -276,15 +276,37 @@ class _Side:
         return tuple(p for p in group if p != path)
 
 
-def _first_of_group(m: EntryMeta, seen: set) -> bool:
-    """Whether m is the first of its hardlink group in seen (adding it); a file
-    without a group always is."""
-    if m.link is None:
-        return True
-    if m.link in seen:
-        return False
-    seen.add(m.link)
-    return True
+def _unkept_bytes(side: _Side, other: _Side, changed: List[Tuple[str, EntryMeta]],
+                  moved: Collection[str]) -> int:
+    """The bytes of the files changed (path, entry of side) whose data no name
+    keeps: the data of a hardlink group counts once, and not at all when one
+    of its names is in other unchanged (a file there, not among changed) or
+    moved (renamed: the same content under another name)."""
+    changed_paths = {p for p, _ in changed}
+    groups = side.groups()
+    there = other.entries
+    seen: set = set()
+    total = 0
+    for p, m in changed:
+        if p in moved:
+            continue
+        if m.link is not None:
+            if m.link in seen:
+                continue
+            seen.add(m.link)
+            kept = False
+            for q in groups.get(m.link, ()):
+                if q in moved:
+                    kept = True
+                elif q not in changed_paths:
+                    e = there.get(q)
+                    kept = e is not None and e.type == "file"
+                if kept:
+                    break
+            if kept:
+                continue
+        total += m.size
+    return total
 
 
 def _metadata_decides(ea: EntryMeta, eb: EntryMeta, opts: Options) -> bool:
@@ -650,18 +672,31 @@ class Diff:
         self.options = options
         self._owned = list(owned)          # sources opened for this diff: closed at its end
         self.summary = Summary()
-        self._seen_add: set = set()
         self._started = False
-        self._seen_del: set = set()
+        # (path, entry) of the files whose data left that path (old side) or
+        # came to it (new side): the summary's bytes are counted from them
+        # once the changes are known (see _count_bytes)
+        self._removed: List[Tuple[str, EntryMeta]] = []
+        self._added: List[Tuple[str, EntryMeta]] = []
 
     # bytes, each hardlink group once ------------------------------------
-    def _count_removed(self, m: Optional[EntryMeta]) -> None:
-        if m is not None and m.type == "file" and _first_of_group(m, self._seen_del):
-            self.summary.bytes_removed += m.size
+    def _data_left(self, path: str, m: Optional[EntryMeta]) -> None:
+        if m is not None and m.type == "file":
+            self._removed.append((path, m))
 
-    def _count_added(self, m: Optional[EntryMeta]) -> None:
-        if m is not None and m.type == "file" and _first_of_group(m, self._seen_add):
-            self.summary.bytes_added += m.size
+    def _data_came(self, path: str, m: Optional[EntryMeta]) -> None:
+        if m is not None and m.type == "file":
+            self._added.append((path, m))
+
+    def _count_bytes(self, moved_old: Collection[str] = (), moved_new: Collection[str] = ()
+                     ) -> None:
+        """bytes_removed: the data of the files whose old content left its path
+        and that no other name keeps (each hardlink group once; none when a
+        name of its group is unchanged or the content was renamed);
+        bytes_added likewise for the new data."""
+        a, b = self._sides
+        self.summary.bytes_removed = _unkept_bytes(a, b, self._removed, moved_old)
+        self.summary.bytes_added = _unkept_bytes(b, a, self._added, moved_new)
 
     def _record(self, a: _Side, b: _Side, path: str, kind: str, old, new,
                 fields=None) -> Change:
@@ -677,19 +712,19 @@ class Diff:
         s = self.summary
         if kind == "added":
             s.added += 1
-            self._count_added(new)
+            self._data_came(path, new)
         elif kind == "deleted":
             s.deleted += 1
-            self._count_removed(old)
+            self._data_left(path, old)
         elif "type" in c.fields:
             s.type_changed += 1
-            self._count_removed(old)
-            self._count_added(new)
+            self._data_left(path, old)
+            self._data_came(path, new)
         else:
             s.modified += 1
             if "content" in c.fields:
-                self._count_removed(old)
-                self._count_added(new)
+                self._data_left(path, old)
+                self._data_came(path, new)
         return c
 
     def _merge(self) -> Iterator[Change]:
@@ -728,6 +763,7 @@ class Diff:
                 s.fill_digests([m for m in (getattr(c, side) for c in changes)
                                 if m is not None and m.type == "file" and m.digest is None
                                 and m.data is not None])
+        self._count_bytes()
         return changes
 
     def _walk(self, a: _Side, b: _Side, ka: List[str], kb: List[str]) -> Iterator[Change]:
@@ -764,7 +800,7 @@ class Diff:
             if side == "old":
                 i += 1
                 if skip_old is not None and p.startswith(skip_old):
-                    self._count_removed(ea_map[p])
+                    self._data_left(p, ea_map[p])
                     continue
                 old = ea_map[p]
                 if not _wanted(p, opts):
@@ -827,8 +863,8 @@ class Diff:
             return changes
         by_digest: Dict[Tuple[int, int], List[Optional[str]]] = {}
         used: set = set()
-        moved_new: set = set()      # hardlink groups of renamed files
-        moved_old: set = set()
+        moved_new: set = set()      # the paths renamed to
+        moved_old: set = set()      # and from
         out_replace: Dict[int, Change] = {}
         drop: set = set()
         for idx, c in enumerate(changes):
@@ -864,12 +900,10 @@ class Diff:
             s.added -= 1
             s.deleted -= 1
             s.renamed += 1
-            # the content moved: neither added nor removed (a hardlink group
-            # was counted once, so it is taken back once)
-            if _first_of_group(c.new, moved_new):
-                s.bytes_added -= c.new.size
-            if _first_of_group(d.old, moved_old):
-                s.bytes_removed -= d.old.size
+            moved_new.add(c.path)
+            moved_old.add(d.path)
+        # the content moved: neither added nor removed
+        self._count_bytes(moved_old, moved_new)
         return [out_replace.get(i, c) for i, c in enumerate(changes) if i not in drop]
 
     def __iter__(self) -> Iterator[Change]:

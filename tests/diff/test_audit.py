@@ -193,28 +193,22 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, re
     out = []
     summ = dict(added=0, deleted=0, modified=0, type_changed=0, renamed=0, bytes_added=0,
                 bytes_removed=0)
-    # a renamed file's content was neither added nor removed, nor its other names'
-    seen_add = {group_of(tb, n) for _, n in renamed}
-    seen_del = {group_of(ta, o) for o, _ in renamed}
     new_of = {o: n for o, n in renamed}
     old_of = {n: o for o, n in renamed}
+    left, came = set(), set()        # paths whose old data left, whose new data came
 
-    def count(tree, p, seen, key):
-        if tree[p]["type"] != "file":
-            return
-        g = group_of(tree, p)
-        if g not in seen:
-            seen.add(g)
-            summ[key] += tree[p]["size"]
+    def count(tree, p, paths):
+        if tree[p]["type"] == "file":
+            paths.add(p)
 
     def subtree(tree, p):
         return [q for q in tree if q.startswith(p.rstrip("/") + "/")]
 
     def removed_with_subtree(p):
-        count(ta, p, seen_del, "bytes_removed")
+        count(ta, p, left)
         if ta[p]["type"] == "dir":
             for q in sorted(subtree(ta, p), key=path_order):
-                count(ta, q, seen_del, "bytes_removed")
+                count(ta, q, left)
 
     skipped = set()
     for p in sorted(set(ta) | set(tb), key=path_order):
@@ -240,13 +234,13 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, re
                 continue
             out.append(("A", p, b["type"], {}, others(tb, p)))
             summ["added"] += 1
-            count(tb, p, seen_add, "bytes_added")
+            count(tb, p, came)
             continue
         if a["type"] != b["type"]:
             out.append(("T", p, b["type"], {"type": (a["type"], b["type"])}, others(tb, p)))
             summ["type_changed"] += 1
             removed_with_subtree(p)
-            count(tb, p, seen_add, "bytes_added")
+            count(tb, p, came)
             if a["type"] == "dir":
                 skipped.update(subtree(ta, p))
             continue
@@ -255,8 +249,22 @@ def expected(ta, tb, a_tar, b_tar, ignore=frozenset(), wanted=lambda p: True, re
             out.append(("M", p, a["type"], f, others(tb, p)))
             summ["modified"] += 1
             if "content" in f:
-                count(ta, p, seen_del, "bytes_removed")
-                count(tb, p, seen_add, "bytes_added")
+                count(ta, p, left)
+                count(tb, p, came)
+    # The bytes: the data of a hardlink group counts once, and not at all
+    # while one of its names shows it unchanged on the other side (no change
+    # took it from that name) or a rename carried it to a new name.
+    def unkept(tree, other, changed, moved):
+        total = 0
+        for g in {group_of(tree, p) for p in changed}:
+            names = [q for q in tree if tree[q]["type"] == "file" and group_of(tree, q) == g]
+            if any(q in moved or (q not in changed and other.get(q, {}).get("type") == "file")
+                   for q in names):
+                continue
+            total += tree[names[0]]["size"]
+        return total
+    summ["bytes_removed"] = unkept(ta, tb, left, new_of)
+    summ["bytes_added"] = unkept(tb, ta, came, old_of)
     return out, summ
 
 

@@ -161,6 +161,33 @@ def test_hardlink_groups_and_bytes_once(pair):
     assert got["/opt/big"] == (("/opt/big2", "/opt/big3"), ("/opt/big2",))
 
 
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_bytes_of_a_hardlink_group_count_while_no_name_keeps_them(pair, as_tar):
+    """Removing one name of a group, or a directory holding one, removes no
+    data while another name keeps it; a new name for existing data adds none;
+    the data goes (once) when the last name does."""
+    a, b = pair
+    mk(a, "opt/keep", b"K" * 5000)
+    os.link(a / "opt/keep", a / "opt/keep-link")
+    mk(a, "gone/x", b"G" * 700)
+    os.link(a / "gone/x", a / "opt/gone-link")
+    mk(a, "opt/last", b"L" * 300)
+    os.link(a / "opt/last", a / "opt/last2")
+    b = clone(a, b.parent / "b2")
+    os.unlink(b / "opt/keep-link")                   # keep's data stays under /opt/keep
+    shutil.rmtree(b / "gone")                        # x's data stays under /opt/gone-link
+    os.link(b / "srv/data", b / "srv/data-link")     # a new name, no new data
+    os.unlink(b / "opt/last")
+    os.unlink(b / "opt/last2")                       # both names: 300 bytes gone once
+    if as_tar:
+        a, b = gnu_tar(a, a.parent / "a.tar"), gnu_tar(b, a.parent / "b.tar")
+    d = compare(a, b)
+    got = {(c.code, c.path) for c in d}
+    assert {("D", "/opt/keep-link"), ("D", "/gone"), ("A", "/srv/data-link"),
+            ("D", "/opt/last"), ("D", "/opt/last2")} <= got
+    assert (d.summary.bytes_removed, d.summary.bytes_added) == (300, 0)
+
+
 def test_ignore_include_exclude_semantic(pair):
     a, b = pair
     os.utime(b / "etc/hosts", ns=(T0 + 1, T0 + 1))
