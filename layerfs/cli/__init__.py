@@ -205,4 +205,33 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def run():  # console_scripts entry point
-    sys.exit(main())
+    _leave(main())
+
+
+def _leave(code: int) -> None:
+    """Exit as the interpreter would -- threads that are not daemons joined,
+    atexit handlers run, the standard streams flushed -- but without its
+    finalization, which takes each module and object apart one by one (about
+    10 ms, a good part of a short command's run)."""
+    import atexit
+    import threading
+    main_thread = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main_thread and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError) as e:
+            if stream is not sys.stdout:
+                continue                    # stderr: nowhere left to say it
+            code = EXIT_ERROR
+            if not (isinstance(e, OSError) and e.errno == errno.EPIPE):
+                try:
+                    sys.stderr.write(f"layerfs: error: standard output: {_describe(e)}\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+    os._exit(code)

@@ -92,6 +92,46 @@ def test_main_returns_its_status_when_stdout_breaks(tmp_path):
     assert "returned 2\n" in err, err
 
 
+_LEAVE = ("import atexit, sys, threading, time\n"
+          "from layerfs.cli import _leave\n"
+          "mark = sys.argv[1]\n"
+          "atexit.register(lambda: open(mark, 'a').write('atexit\\n'))\n"
+          "def late():\n    time.sleep(0.2)\n    open(mark, 'a').write('thread\\n')\n"
+          "threading.Thread(target=late).start()\n"
+          "sys.stdout.write('unflushed output ' * 100)\n"
+          "_leave(int(sys.argv[2]))\n")
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_leaving_joins_threads_runs_atexit_and_reports_the_last_flush(tmp_path, status):
+    """The command's quick exit still waits for threads that are not daemons,
+    runs the atexit handlers, and flushes stdout: output that cannot be written
+    at the end is exit 2 and one line, not the interpreter's 'Exception
+    ignored' and exit 120."""
+    mark = tmp_path / "mark"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # stdout buffered
+    with open(tmp_path / "out", "wb") as out:
+        p = subprocess.run([sys.executable, "-c", _LEAVE, str(mark), str(status)], stdout=out,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    assert p.returncode == status and p.stderr == ""
+    assert (tmp_path / "out").read_text() == "unflushed output " * 100
+    assert mark.read_text() == "thread\natexit\n"
+    mark.unlink()
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, "-c", _LEAVE, str(mark), str(status)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    one_error_line(p, "standard output", "No space left on device")
+    assert mark.read_text() == "thread\natexit\n"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-c", _LEAVE, str(mark), str(status)], stdout=w,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(w)
+    assert p.returncode == 2 and p.stderr == ""      # a reader that went away: quietly
+
+
 def test_diff_text_shows_names_that_are_not_utf8(tmp_path):
     """Paths are bytes: the text output writes them as they are (like ls and diff)
     instead of failing with an encoding error."""
