@@ -103,12 +103,7 @@ uint64_t lfs_src_offset(const lfs_src *s);
 int lfs_src_finish(lfs_src *s, lfs_digests *out, lfs_error *err);
 void lfs_src_free(lfs_src *s);
 
-/* ---- writing side (stream.c) ---- */
-typedef struct lfs_sink lfs_sink;
-int lfs_sink_open(lfs_sink **out, int fd, int compression, int level, int threads, lfs_error *err);
-int lfs_sink_write(lfs_sink *s, const void *p, size_t n, lfs_error *err);
-int lfs_sink_finish(lfs_sink *s, lfs_digests *out, lfs_error *err);
-void lfs_sink_free(lfs_sink *s);
+/* ---- writing side (stream.c): lfs_sink, declared in layerfs.h ---- */
 
 /* ---- tar parsing (tar_read.c) ---- */
 typedef struct lfs_xattr {

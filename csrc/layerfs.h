@@ -105,6 +105,19 @@ ssize_t lfs_reader_read(lfs_reader *r, void *buf, size_t n, lfs_error *err);
 int lfs_reader_finish(lfs_reader *r, lfs_digests *out, lfs_error *err);
 void lfs_reader_free(lfs_reader *r);
 
+/* Tar bytes written piece by piece to fd, compressed (LFS_COMP_NONE, _GZIP:
+ * level 1-3 with ISA-L, 4-9 with zlib, 0 for 1; _ZSTD: 0 for 3), in a second
+ * thread when threads is 0 on a machine with two CPUs or more (or threads >= 2).
+ * The output depends only on the bytes, the compression and the level (and,
+ * for zstd, on whether threads is 1: then no zstd workers).
+ * finish: flushes and gives the digests (of the bytes written to fd, and the
+ * DiffID of the tar); free: also when unfinished. */
+typedef struct lfs_sink lfs_sink;
+int lfs_sink_open(lfs_sink **out, int fd, int compression, int level, int threads, lfs_error *err);
+int lfs_sink_write(lfs_sink *s, const void *p, size_t n, lfs_error *err);
+int lfs_sink_finish(lfs_sink *s, lfs_digests *out, lfs_error *err);
+void lfs_sink_free(lfs_sink *s);
+
 /* sha256 of everything readable from fd. */
 int lfs_sha256_fd(int fd, unsigned char *out32, uint64_t *size, lfs_error *err);
 

@@ -164,6 +164,55 @@ def decompress(in_fd: int, out_fd: int, compression: int = COMP_AUTO,
     return _digests(out[0])
 
 
+class CompressingWriter(io.RawIOBase):
+    """A raw binary file that writes what it is given to fd compressed
+    (COMP_NONE, COMP_GZIP or COMP_ZSTD at level; 0: the C core's default, as
+    create_layer), compressing in a second thread (lfs_sink).  ``finish()``
+    flushes and returns the Digests (digest of the bytes written to fd, DiffID
+    of the tar); closing without it drops what is still buffered."""
+
+    def __init__(self, fd: int, compression: int, level: int = 0, name: Optional[str] = None):
+        super().__init__()
+        self._name = name or "<stream>"
+        self.digests: Optional[Digests] = None
+        p = ffi.new("lfs_sink **")
+        err = _new_error()
+        rc = lib.lfs_sink_open(p, fd, compression, level, 0, err)
+        if rc < 0:
+            _raise(rc, err, source=self._name)
+        self._s = p[0]
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if self._s is None:
+            raise ValueError("I/O operation on closed writer")
+        m = memoryview(b).cast("B")
+        err = _new_error()
+        rc = lib.lfs_sink_write(self._s, ffi.from_buffer(m), len(m), err)
+        if rc < 0:
+            _raise(rc, err, source=self._name)
+        return len(m)
+
+    def finish(self) -> Digests:
+        if self._s is None:
+            raise ValueError("I/O operation on closed writer")
+        out = ffi.new("lfs_digests *")
+        err = _new_error()
+        rc = lib.lfs_sink_finish(self._s, out, err)
+        if rc < 0:
+            _raise(rc, err, source=self._name)
+        self.digests = _digests(out[0])
+        return self.digests
+
+    def close(self) -> None:
+        if self._s is not None:
+            s, self._s = self._s, None
+            lib.lfs_sink_free(s)
+        super().close()
+
+
 class DecompressedReader(io.RawIOBase):
     """The decompressed stream of fd (gzip, zstd or plain, detected) as a raw
     binary file; decompression (and with hash, both digests) runs ahead in a

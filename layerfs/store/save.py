@@ -11,13 +11,13 @@ A docker-archive holds the uncompressed layer tars only: always exact.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..digest import sha256_file
+from .. import _native
+from .._native import Digests
 from ..errors import NotFound, PreconditionFailed
 from ..images import ImageToWrite, LayerToWrite, open_decompressed, write_docker_archive, \
     write_oci_layout
@@ -72,30 +72,26 @@ def _counted(opener: Callable[[], BinaryIO], progress: Progress, label: str,
     return open_
 
 
-def _recompress(store, opener: Callable[[], BinaryIO], compression: str) -> str:
-    """Compress a layer tar into a temporary file (gzip -6 or zstd -3); returns its path."""
+def _recompress(store, opener: Callable[[], BinaryIO], compression: str) -> Tuple[str, Digests]:
+    """Compress a layer tar into a temporary file, in the C core with the levels
+    create_layer uses (gzip 1 by ISA-L, zstd 3), compressing in a second thread
+    while the tar is read; returns its path and digests (a tar reassembled from
+    its tar-split record checks its own DiffID)."""
     tmp = tmp_name(store.tmp_dir, "recompress")
     try:
-        with opener() as src, open(tmp, "xb") as out:
-            if compression == "gzip":
-                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as z:
-                    while True:
-                        chunk = src.read(1 << 20)
-                        if not chunk:
-                            break
-                        z.write(chunk)
-            else:
-                import zstandard
-                with zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False) as z:
-                    while True:
-                        chunk = src.read(1 << 20)
-                        if not chunk:
-                            break
-                        z.write(chunk)
+        with opener() as src, open(tmp, "xb") as out, \
+                _native.CompressingWriter(out.fileno(), _native.COMPRESSION_CODES[compression],
+                                          name=tmp) as z:
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                z.write(chunk)
+            digests = z.finish()
     except BaseException:
         remove_path(tmp)
         raise
-    return tmp
+    return tmp, digests
 
 
 def _image_to_write(store, img: ImageRecord, names: List[str], fmt: str,
@@ -155,16 +151,16 @@ def _image_to_write(store, img: ImageRecord, names: List[str], fmt: str,
             raise PreconditionFailed(
                 f"image {img.id}: {len(missing)} compressed layer blob(s) were pruned "
                 "(prune --blobs); an OCI save must compress them again, which changes their "
-                "digests and the manifest digest (signatures over it no longer apply). "
+                "digests and the manifest digest unless the compressor gives the same bytes "
+                "(signatures over it would no longer apply). "
                 "Pass --allow-recompress to do so, or save as docker-archive (exact)")
         doc = json.loads(mbytes)
         for i in missing:
             desc = layers[i].descriptor
             comp = layer_compression(desc.media_type)
-            tmp = _recompress(store, layers[i].open_tar, comp)  # type: ignore[arg-type]
+            tmp, digests = _recompress(store, layers[i].open_tar, comp)  # type: ignore[arg-type]
             cleanup.callback(remove_path, tmp)
-            digest = sha256_file(tmp)
-            size = os.stat(tmp).st_size
+            digest, size = digests.digest, digests.compressed_size
             new = Descriptor(desc.media_type, digest, size, desc.annotations, desc.platform,
                              desc.urls, desc.artifact_type)
             doc["layers"][i]["digest"], doc["layers"][i]["size"] = digest, size

@@ -76,7 +76,8 @@ def driver_name(request):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """One layout: base:1 (a layer of random bytes), app:1 (base + gzip, zstd, plain
-    layers), other:1 (base + one layer).  Returns a dict of paths and BuiltImages."""
+    layers), other:1 (base + one layer, compressed by GNU gzip -9).  Returns a dict of
+    paths and BuiltImages."""
     tmp = tmp_path_factory.mktemp("images")
     layout = str(tmp / "layout")
     os.makedirs(layout)
@@ -94,7 +95,7 @@ def images(tmp_path_factory):
     t3 = fill(str(tmp / "t3"), {"srv/other": "other\n"})
     base = build_image(layout, [t0])
     app = build_image(layout, [t0, t1, t2], compression=["gzip", "zstd", "none"])
-    other = build_image(layout, [t0, t3])
+    other = build_image(layout, [t0, t3], compression=["gzip", "gzip -9"])
     write_index(layout, [entry(base, layout, "base:1", "docker.io/library/base:1"),
                          entry(app, layout, "app:1", "docker.io/library/app:1"),
                          entry(other, layout, "other:1", "example.com/team/other:1")])

@@ -3,6 +3,7 @@ listing), names, reference counting, mounts, saves with the original digests,
 blobs pruned and regenerated, fsck."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -252,15 +253,17 @@ def test_pruned_blobs_regenerated(make_store, driver_name, images, tmp_path):
     with pytest.raises(PreconditionFailed, match="allow-recompress"):
         s.save(["app:1"], tmp_path / "x.tar", "oci")
     assert not (tmp_path / "x.tar").exists()
+    # app's layers were compressed by layerfs (create_layer's levels), and the
+    # recompression gives those bytes again: the save is exact after all
     res = s.save(["app:1"], tmp_path / "y", "oci-dir", allow_recompress=True)
-    assert res.manifest_changed
+    assert not res.manifest_changed
     (saved,) = res.images
     assert saved.recompressed_layers == 2 and saved.regenerated_layers == 1
     with open_image_source(tmp_path / "y") as src:
         (img,) = src.images()
-        assert img.manifest_digest == saved.written_manifest_digest != app.manifest_digest
+        assert img.manifest_digest == saved.written_manifest_digest == app.manifest_digest
         assert img.diff_ids == app.diff_ids and img.config_digest == app.config_digest
-        assert img.layers[2].digest == app.layer_digests[2]      # the plain layer: exact
+        assert [l.digest for l in img.layers] == app.layer_digests
         from layerfs.archive import unpack_layers
         unpack_layers([src.open_blob(l.digest, verify=True) for l in img.layers],
                       str(tmp_path / "rootfs"),
@@ -269,6 +272,27 @@ def test_pruned_blobs_regenerated(make_store, driver_name, images, tmp_path):
     # skopeo verifies every blob while copying (this umoci cannot read zstd layers)
     run("skopeo", "--insecure-policy", "copy", f"oci:{tmp_path / 'y'}:1",
         f"oci:{tmp_path / 'copied'}:c")
+    # other's top layer was compressed by GNU gzip -9: compressed again, it gets
+    # a new digest, and the image a new manifest, reported
+    other = images["other"]
+    s.load(images["only"]["other"])
+    s.prune(blobs=True)
+    res = s.save(["example.com/team/other:1"], tmp_path / "o", "oci-dir",
+                 allow_recompress=True)
+    assert res.manifest_changed
+    (saved,) = res.images
+    assert saved.recompressed_layers == 2
+    with open_image_source(tmp_path / "o") as src:
+        (img,) = src.images()
+        assert img.manifest_digest == saved.written_manifest_digest != other.manifest_digest
+        assert img.diff_ids == other.diff_ids and img.config_digest == other.config_digest
+        assert img.layers[0].digest == other.layer_digests[0]
+        assert img.layers[1].digest != other.layer_digests[1]
+        with src.open_blob(img.layers[1].digest, verify=True) as f:
+            tar = gzip.decompress(f.read())
+        assert "sha256:" + hashlib.sha256(tar).hexdigest() == other.diff_ids[1]
+    run("skopeo", "--insecure-policy", "copy", f"oci:{tmp_path / 'o'}:1",
+        f"oci:{tmp_path / 'copied-o'}:c")
     # loading the original again brings the blobs back: exact again
     (again,) = s.load(images["only"]["app"])
     assert again.new_layers == 0 and again.blobs_written == 2
