@@ -103,6 +103,9 @@ class Change:
 
 @dataclass
 class Summary:
+    """The counts of a diff's changes by kind, and the bytes of file data the
+    changes add and remove: a hardlink group's data counts once, and not at
+    all while another of its names keeps it (unchanged, or renamed)."""
     added: int = 0
     deleted: int = 0
     modified: int = 0
