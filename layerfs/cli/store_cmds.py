@@ -7,7 +7,6 @@ Every verb takes ``--root DIR`` and ``--driver NAME``, before the verb (the
 from __future__ import annotations
 
 import datetime
-import errno
 import functools
 import json
 import os
@@ -39,30 +38,10 @@ def _open_store(ctx: click.Context, root: Optional[str], driver: Optional[str]):
         root = root or obj.get("root")
         if root:
             check_new_root(root)
-        try:
-            store = Store(root, driver)
-        except ValueError as e:
-            _name_bad_config(root, e)
-            raise
+        store = Store(root, driver)
         obj["store"] = store
         ctx.find_root().call_on_close(store.close)
     return obj["store"]
-
-
-def _name_bad_config(root: Optional[str], e: ValueError) -> None:
-    """A store.json that does not parse made Store() fail with a bare JSON error
-    naming no file: raise one that names it."""
-    from ..errors import LayerError
-    from ..store.store import default_root
-    path = os.path.join(os.path.abspath(root or default_root()), "store.json")
-    try:
-        with open(path, "rb") as f:
-            json.loads(f.read())
-    except ValueError as bad:
-        raise LayerError(errno.EBADMSG, f"not valid JSON ({bad}); the store's "
-                         "configuration is damaged", path) from e
-    except OSError:
-        pass
 
 
 def store_options(f):

@@ -114,8 +114,9 @@ def write_json_atomic(path: str, doc: Any, tmp_dir: Optional[str] = None, *,
 class DamagedRecord(LayerError, ValueError):
     """A store file that is not the JSON record it should be."""
 
-    def __init__(self, path: str, why: object):
-        LayerError.__init__(self, errno.EUCLEAN, f"damaged record: {why}", path)
+    def __init__(self, path: str, why: object, text: Optional[str] = None):
+        LayerError.__init__(self, errno.EUCLEAN, text or f"damaged record: {why}", path)
+        self.why = why
 
 
 def read_json(path: str) -> Optional[Any]:

@@ -41,8 +41,8 @@ from ..errors import LayerError, NotFound, PreconditionFailed
 from ..images import reference
 from ..images.manifest import layer_compression
 from . import _tarsplit
-from ._fs import (Flock, disk_usage, fsync_dir, read_json, read_record, read_unsynced_json,
-                  remove_path, tmp_name, write_atomic, write_json_atomic)
+from ._fs import (DamagedRecord, Flock, disk_usage, fsync_dir, read_json, read_record,
+                  read_unsynced_json, remove_path, tmp_name, write_atomic, write_json_atomic)
 from .records import ImageRecord, LayerRecord, hex_of
 
 STORE_VERSION = 1
@@ -126,7 +126,11 @@ class Store:
         self._lock_mode: Optional[int] = None
         checked = False
         with self._meta():
-            conf = read_json(self._p("store.json"))
+            try:
+                conf = read_json(self._p("store.json"))
+            except DamagedRecord as e:
+                raise DamagedRecord(e.filename, e.why, f"not valid JSON ({e.why}); the "
+                                    "store's configuration is damaged") from None
             if conf is None:
                 checked = True          # drivers.default/get below probe the filesystem
                 name = driver or _drivers.default(self._p("driver"))
