@@ -69,11 +69,11 @@ class AmbiguousReference(LayerError, ValueError):
 def tag_names(names: Iterable[str]) -> List[str]:
     """names normalised, each a tag: a reference with a digest cannot name an
     image (ValueError), nor can a bad one (ReferenceError)."""
-    out = [str(reference.parse(n)) for n in names]
-    for n in out:
-        if reference.parse(n).digest:
-            raise ValueError(f"cannot name an image with a digest reference: {n!r}")
-    return out
+    refs = [reference.parse(n) for n in names]
+    for r in refs:
+        if r.digest:
+            raise ValueError(f"cannot name an image with a digest reference: {str(r)!r}")
+    return [str(r) for r in refs]
 
 
 @dataclass
